@@ -1,0 +1,87 @@
+# Two commands for users: `make demo` and `make test`. Both set everything up first (idempotent: a
+# set-up machine skips every step in seconds). See README.md for the variables.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+# The torch build. The default is the pair that installs from these CPU machines' disk; on a CUDA
+# cluster pick the wheel for your driver, e.g.
+#   make setup TORCH_SPEC="torch==2.8.0 torchvision==0.23.0" TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TORCH_INDEX_URL ?=
+# 0 skips the apt step (no root on the machine: install the packages below by other means).
+SYSTEM_DEPS ?= 1
+# FFCV compiles against OpenCV and libturbojpeg; SLURM + munge run the scheduler tests; shellcheck lints
+# slurm/; numactl lets DeepSpeed bind cores to ranks.
+APT_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev slurmctld slurmd slurm-client munge shellcheck numactl
+PYTEST_ARGS ?=
+
+VENV_ABS := $(abspath $(VENV))
+BIN := $(VENV_ABS)/bin
+STAMPS := $(VENV_ABS)/.stamps
+TORCH_STAMP := $(STAMPS)/torch-$(shell printf '%s %s' '$(TORCH_SPEC)' '$(TORCH_INDEX_URL)' | cksum | cut -d' ' -f1)
+# DeepSpeed JIT-builds ops into this cache; one per venv so that builds are private and reused.
+export TORCH_EXTENSIONS_DIR := $(VENV_ABS)/torch_extensions
+# Prebuilding DeepSpeed's CUDA/C++ ops at install needs a compiler toolchain per op; JIT is enough.
+export DS_BUILD_OPS := 0
+
+.PHONY: help setup system-deps demo test lint clean
+
+help:
+	@echo "make demo    set up, then run CL-MAE end to end on the bundled digits set (2 CPU ranks)"
+	@echo "make test    set up, then run ruff and the whole test suite"
+	@echo "make setup   system packages, $(VENV), Python packages, DeepSpeed op warm-up (idempotent)"
+	@echo "make lint    ruff check + shellcheck"
+	@echo "variables: TORCH_SPEC='$(TORCH_SPEC)' TORCH_INDEX_URL='$(TORCH_INDEX_URL)' SYSTEM_DEPS=$(SYSTEM_DEPS)"
+
+setup: system-deps $(STAMPS)/packages $(STAMPS)/deepspeed-ops
+
+system-deps:
+	@if [ "$(SYSTEM_DEPS)" = 0 ]; then exit 0; fi; \
+	missing=$$(for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	echo ">> installing system packages: $$missing"; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null; then sudo=sudo; else \
+	  echo "error: need root (or sudo) to install: $$missing; or install them yourself and run with SYSTEM_DEPS=0" >&2; exit 1; fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	$$sudo apt-get update -qq; \
+	$$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null
+
+$(BIN)/python:
+	@echo ">> creating $(VENV)"
+	$(PYTHON) -m venv $(VENV_ABS)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+
+$(TORCH_STAMP): $(BIN)/python
+	@echo ">> installing $(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) $(TORCH_SPEC)
+	@mkdir -p $(STAMPS) && rm -f $(STAMPS)/torch-* && touch $@
+
+$(STAMPS)/packages: setup.py $(TORCH_STAMP)
+	@echo ">> installing clmae and its dependencies into $(VENV)"
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+# DeepSpeed's first CPU init compiles a comm op (~2 min). Doing it here, with a real 2-rank
+# all_reduce, keeps that cost out of timed tests and checks the distributed stack at the same time.
+$(STAMPS)/deepspeed-ops: $(STAMPS)/packages
+	@echo ">> warming DeepSpeed (first run compiles its CPU comm op, about 2 minutes)"
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 -m clmae.dist
+	@touch $@
+
+lint: setup
+	$(BIN)/ruff check .
+	@if ls slurm/*.sh >/dev/null 2>&1; then shellcheck slurm/*.sh; fi
+
+test: setup lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/clmae-pretrain --help
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,335 @@
+"""Run configuration: a typed schema, YAML defaults, experiment files and dotted CLI overrides.
+
+Precedence, lowest first (DINOv2-style):
+    clmae/configs/defaults.yaml  <  experiment file (by name or path)  <  `key.sub=value` overrides
+
+The schema below declares each key's type; `defaults.yaml` holds every key's value with a comment
+saying what it does. The merged, validated config is the single source of truth of a run: it is saved
+next to the run's outputs (`config.yaml`) and logged as MLflow params.
+
+Errors name the offending key: an unknown key suggests the closest valid one, a wrong type names the
+key, the value and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULTS_NAME = "defaults"
+
+MODEL_NAMES = ("vit_tiny", "vit_base_patch16", "vit_large_patch16", "vit_huge_patch14")
+CURRICULUM_SCHEDULES = ("easy_to_hard", "hard_to_easy", "partner", "neutral", "adversary")
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema. Types only: the values live in configs/defaults.yaml.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    name: str
+    output_dir: str
+    seed: int
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "gloo", "nccl"]
+    timeout_minutes: int
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["vit_tiny", "vit_base_patch16", "vit_large_patch16", "vit_huge_patch14"]
+    img_size: int | None
+    mask_ratio: float
+    norm_pix_loss: bool
+
+
+@dataclass
+class MaskingConfig:
+    mode: Literal["curriculum", "random"]
+    cmm_depth: int
+    cmm_heads: int
+
+
+@dataclass
+class LossConfig:
+    w_gauss: float
+    gauss_sigma: float
+    w_kl: float
+    kl_target: Literal["mask_ratio", "reference"]
+    kl_reduction: Literal["sum", "mean"]
+    w_div: float
+    div_scale: float
+
+
+@dataclass
+class CurriculumConfig:
+    schedule: Literal["easy_to_hard", "hard_to_easy", "partner", "neutral", "adversary"]
+    smooth: bool
+
+
+@dataclass
+class Config:
+    run: RunConfig
+    dist: DistConfig
+    model: ModelConfig
+    masking: MaskingConfig
+    loss: LossConfig
+    curriculum: CurriculumConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`{"optim.base_lr": 1e-3, ...}`: the shape MLflow params want."""
+        return _flatten(self.to_dict())
+
+
+# Range checks that types cannot express: key -> (predicate, what it must be).
+_RANGE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "model.mask_ratio": (lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+    "model.img_size": (lambda v: v is None or v > 0, "a positive int or null"),
+    "masking.cmm_depth": (lambda v: v >= 1, ">= 1"),
+    "masking.cmm_heads": (lambda v: v >= 1, ">= 1"),
+    "loss.gauss_sigma": (lambda v: v > 0, "> 0"),
+    "loss.w_gauss": (lambda v: v >= 0, ">= 0"),
+    "loss.w_kl": (lambda v: v >= 0, ">= 0"),
+    "loss.w_div": (lambda v: v >= 0, ">= 0"),
+    "dist.timeout_minutes": (lambda v: v > 0, "> 0"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and merging
+# --------------------------------------------------------------------------------------------------
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A shipped config by name (`tiny_digits`) or any YAML file by path."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.suffix in (".yaml", ".yml") or os.sep in text:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    shipped = CONFIG_DIR / f"{text}.yaml"
+    if shipped.is_file():
+        return shipped
+    close = difflib.get_close_matches(text, available_configs(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(
+        f"no shipped config named '{text}'{hint}; available: {', '.join(available_configs())}; "
+        "or pass a path to a .yaml file"
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`optim.base_lr=1.5e-4` -> (["optim", "base_lr"], 1.5e-4). Values are parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{item}': value is not valid YAML: {err}") from err
+    return key.split("."), value
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(name_or_path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """defaults.yaml, then the experiment file (if any), then the dotted overrides; validated."""
+    data = read_yaml(CONFIG_DIR / f"{DEFAULTS_NAME}.yaml")
+    if name_or_path is not None:
+        data = deep_merge(data, read_yaml(resolve_config_path(name_or_path)))
+    for item in overrides:
+        keys, value = parse_override(item)
+        update: dict[str, Any] = {keys[-1]: value}
+        for key in reversed(keys[:-1]):
+            update = {key: update}
+        data = deep_merge(data, update)
+    return build_config(data)
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data, prefix="")
+    flat = cfg.flat()
+    for key, (ok, what) in _RANGE_CHECKS.items():
+        if not ok(flat[key]):
+            raise ConfigError(f"config key '{key}': {flat[key]!r} must be {what}")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the merged config as YAML (atomically: a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def config_hash(cfg: Config, sections: typing.Iterable[str] | None = None) -> str:
+    """Stable short hash of the whole config, or of some sections (to check a resume matches)."""
+    data = cfg.to_dict()
+    if sections is not None:
+        data = {name: data[name] for name in sections}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Typed construction with errors that name the key
+# --------------------------------------------------------------------------------------------------
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{where}': expected a mapping, got {data!r} ({type(data).__name__})")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            candidates = [f"{prefix}{name}" for name in fields]
+            close = difflib.get_close_matches(f"{prefix}{key}", candidates, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(candidates)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    missing = [f"{prefix}{name}" for name in fields if name not in data]
+    if missing:
+        raise ConfigError(f"missing config key(s): {', '.join(missing)}")
+    values = {name: _coerce(data[name], hints[name], f"{prefix}{name}") for name in fields}
+    return cls(**values)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin in (list, tuple):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp) if a is not Ellipsis)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    def fail() -> typing.NoReturn:
+        raise ConfigError(
+            f"config key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix=key + ".")
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in typing.get_args(tp) and not isinstance(value, bool):
+            return value
+        fail()
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            fail()
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        fail()
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads `1e-3` (no dot) as a string; accept any numeric literal.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                fail()
+        fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        fail()
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            fail()
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                fail()
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    raise TypeError(f"unsupported schema type for '{key}': {tp!r}")  # a bug in the schema, not user input

@@ -1,0 +1,1 @@
+"""data_prep: convert image datasets to FFCV .beton files (run once, then train many times)."""
