@@ -21,8 +21,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -141,7 +142,9 @@ def detect(
         local_world = (
             _int(env, "LOCAL_WORLD_SIZE")
             if "LOCAL_WORLD_SIZE" in env
-            else _int(env, "LOCAL_SIZE") if "LOCAL_SIZE" in env else world
+            else _int(env, "LOCAL_SIZE")
+            if "LOCAL_SIZE" in env
+            else world
         )
         master_addr = env.get("MASTER_ADDR", "127.0.0.1")
         master_port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT
