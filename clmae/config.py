@@ -88,6 +88,17 @@ class CurriculumConfig:
 
 
 @dataclass
+class DataConfig:
+    train_path: str
+    val_path: str
+    batch_size: int
+    num_workers: int
+    os_cache: bool
+    crop_scale: tuple[float, float]
+    eval_crop_ratio: float
+
+
+@dataclass
 class Config:
     run: RunConfig
     dist: DistConfig
@@ -95,6 +106,7 @@ class Config:
     masking: MaskingConfig
     loss: LossConfig
     curriculum: CurriculumConfig
+    data: DataConfig
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,6 +127,10 @@ _RANGE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "loss.w_kl": (lambda v: v >= 0, ">= 0"),
     "loss.w_div": (lambda v: v >= 0, ">= 0"),
     "dist.timeout_minutes": (lambda v: v > 0, "> 0"),
+    "data.batch_size": (lambda v: v >= 1, ">= 1"),
+    "data.num_workers": (lambda v: v >= 1, ">= 1"),
+    "data.crop_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "two numbers 0 < low <= high <= 1"),
+    "data.eval_crop_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
 }
 
 
