@@ -99,6 +99,55 @@ class DataConfig:
 
 
 @dataclass
+class OptimConfig:
+    base_lr: float
+    min_lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    warmup_epochs: float
+    clip_grad: float
+
+
+@dataclass
+class CmmOptimConfig:
+    """The curriculum masking module's optimiser; each null key takes the MAE's (`optim`) value."""
+
+    base_lr: float | None
+    min_lr: float | None
+    weight_decay: float | None
+    betas: tuple[float, float] | None
+    warmup_epochs: float | None
+    clip_grad: float | None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    accum_steps: int
+    ds_config: str
+    log_every: int
+    peak_tflops: float | None
+    stop_at_step: int | None
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int
+    keep_last: int
+    resume: str
+    init_from: str | None
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool
+    experiment: str
+    uri: str | None
+    mask_images_every_epochs: int
+    system_metrics: bool
+
+
+@dataclass
 class Config:
     run: RunConfig
     dist: DistConfig
@@ -107,9 +156,19 @@ class Config:
     loss: LossConfig
     curriculum: CurriculumConfig
     data: DataConfig
+    optim: OptimConfig
+    cmm_optim: CmmOptimConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    tracking: TrackingConfig
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def cmm_optim_resolved(self) -> OptimConfig:
+        """The masking module's optimiser settings: its own where set, the MAE's elsewhere."""
+        own = {k: v for k, v in dataclasses.asdict(self.cmm_optim).items() if v is not None}
+        return dataclasses.replace(self.optim, **own)
 
     def flat(self) -> dict[str, Any]:
         """`{"optim.base_lr": 1e-3, ...}`: the shape MLflow params want."""
@@ -131,6 +190,24 @@ _RANGE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.num_workers": (lambda v: v >= 1, ">= 1"),
     "data.crop_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "two numbers 0 < low <= high <= 1"),
     "data.eval_crop_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "optim.base_lr": (lambda v: v > 0, "> 0"),
+    "optim.min_lr": (lambda v: v >= 0, ">= 0"),
+    "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optim.warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "optim.clip_grad": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "cmm_optim.base_lr": (lambda v: v is None or v > 0, "> 0 or null"),
+    "cmm_optim.min_lr": (lambda v: v is None or v >= 0, ">= 0 or null"),
+    "cmm_optim.weight_decay": (lambda v: v is None or v >= 0, ">= 0 or null"),
+    "cmm_optim.warmup_epochs": (lambda v: v is None or v >= 0, ">= 0 or null"),
+    "cmm_optim.clip_grad": (lambda v: v is None or v >= 0, ">= 0 or null"),
+    "train.epochs": (lambda v: v >= 1, ">= 1"),
+    "train.accum_steps": (lambda v: v >= 1, ">= 1"),
+    "train.log_every": (lambda v: v >= 1, ">= 1"),
+    "train.peak_tflops": (lambda v: v is None or v > 0, "> 0 or null"),
+    "train.stop_at_step": (lambda v: v is None or v >= 1, ">= 1 or null"),
+    "checkpoint.every_steps": (lambda v: v >= 1, ">= 1"),
+    "checkpoint.keep_last": (lambda v: v >= 1, ">= 1"),
+    "tracking.mask_images_every_epochs": (lambda v: v >= 0, ">= 0 (0: never)"),
 }
 
 

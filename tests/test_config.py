@@ -159,3 +159,13 @@ def test_pretrain_cli_prints_merged_config_and_reports_errors_in_one_line():
     )
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: unknown config key 'loss.w_kll' (did you mean 'loss.w_kl'?)"
+
+
+def test_cmm_optimiser_inherits_unset_keys_from_the_mae_optimiser():
+    cfg = load_config("tiny_digits", ["cmm_optim.base_lr=5e-4", "cmm_optim.betas=[0.5, 0.9]"])
+    resolved = cfg.cmm_optim_resolved()
+    assert resolved.base_lr == 5e-4 and resolved.betas == (0.5, 0.9)
+    assert resolved.weight_decay == cfg.optim.weight_decay == 0.05
+    assert resolved.warmup_epochs == cfg.optim.warmup_epochs == 2.0
+    with pytest.raises(ConfigError, match=r"config key 'cmm_optim\.clip_grad'"):
+        load_config(None, ["cmm_optim.clip_grad=-1"])
