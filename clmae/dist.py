@@ -28,8 +28,15 @@ from typing import TypeVar
 T = TypeVar("T")
 
 DEFAULT_PORT = 29500
+# SLURM master ports: 20000-31999, below Linux's ephemeral range (32768+) where srun itself listens;
+# the job id picks a block of 12 and the step id a port in it, so concurrent steps of a job differ too.
 SLURM_PORT_BASE = 20000
-SLURM_PORT_SPAN = 20000
+SLURM_PORT_STEPS = 12
+SLURM_PORT_JOBS = 1000
+
+
+def slurm_master_port(job_id: int, step_id: int) -> int:
+    return SLURM_PORT_BASE + (job_id % SLURM_PORT_JOBS) * SLURM_PORT_STEPS + step_id % SLURM_PORT_STEPS
 
 
 class DistError(RuntimeError):
@@ -167,7 +174,8 @@ def detect(
             master_port = _int(env, "MASTER_PORT")
         else:
             job_id = _int(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0
-            master_port = SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
+            step_id = _int(env, "SLURM_STEP_ID" if "SLURM_STEP_ID" in env else "SLURM_STEPID")
+            master_port = slurm_master_port(job_id, step_id)
     else:
         launcher = "single"
         rank, local_rank, world, local_world = 0, 0, 1, 1
@@ -261,18 +269,24 @@ def log(message: str, all_ranks: bool = False) -> None:
     """Timestamped line on stdout from rank 0 (or from every rank, tagged with its rank)."""
     if not (all_ranks or is_main()):
         return
+    from tqdm.auto import tqdm
+
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     tag = f" [rank {rank()}]" if all_ranks else ""
-    print(f"[{stamp}]{tag} {message}", flush=True)
+    tqdm.write(f"[{stamp}]{tag} {message}", file=sys.stdout)  # keeps a progress bar intact below it
+    sys.stdout.flush()
 
 
 def progress(iterable: Iterable[T], **tqdm_kwargs) -> Iterable[T]:
-    """tqdm on rank 0, the bare iterable elsewhere (N ranks drawing N bars garbles the log)."""
+    """tqdm on rank 0, the bare iterable elsewhere (N ranks drawing N bars garbles the log). Off when
+    stdout is not a terminal (a SLURM log file), where the periodic log lines say the same."""
     if not is_main():
         return iterable
     from tqdm.auto import tqdm
 
     tqdm_kwargs.setdefault("dynamic_ncols", True)
+    tqdm_kwargs.setdefault("leave", False)
+    tqdm_kwargs.setdefault("disable", None)
     return tqdm(iterable, **tqdm_kwargs)
 
 

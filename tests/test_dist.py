@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from clmae.dist import SLURM_PORT_BASE, DistError, detect, first_host
+from clmae.dist import DistError, detect, first_host, slurm_master_port
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,13 @@ def test_slurm_multi_node_step():
     assert (got.rank, got.local_rank, got.world_size, got.local_world_size) == (5, 1, 8, 4)
     assert got.launcher == "slurm" and got.backend == "nccl" and got.device == "cuda:1"
     assert got.master_addr == "localhost"
-    assert got.master_port == SLURM_PORT_BASE + 123456 % 20000 == 23456
+    assert got.master_port == 20000 + 456 * 12 + 0 == 25472
+
+
+def test_slurm_master_port_is_unique_per_step_and_below_ephemeral_ports():
+    ports = {slurm_master_port(job, step) for job in range(1000) for step in range(12)}
+    assert len(ports) == 12000
+    assert min(ports) == 20000 and max(ports) < 32768
 
 
 def test_slurm_master_falls_back_to_explicit_master_addr():
