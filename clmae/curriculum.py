@@ -1,0 +1,49 @@
+"""The curriculum factor lambda (SPEC section 5): how the CMM weighs the MAE's reconstruction error.
+
++1 = partner (the CMM hides what is easy to rebuild), 0 = neutral, -1 = adversary (hides what is hard to
+rebuild). lambda is a pure function of the training position, so a resumed run gets the same values.
+"""
+
+from __future__ import annotations
+
+from clmae.config import CURRICULUM_SCHEDULES
+
+
+def _easy_to_hard(epoch: int, total_epochs: int, epoch_fraction: float, smooth: bool) -> float:
+    if smooth:
+        return 1 - 2 * (epoch + epoch_fraction) / total_epochs
+    # The reference formula: the second half is shifted by one epoch so that the values are symmetric
+    # (E = 200: 1.00, 0.99, ..., 0.01, -0.01, ..., -1.00) and lambda is never exactly 0.
+    if epoch < total_epochs / 2:
+        return 1 - 2 * epoch / total_epochs
+    return 1 - 2 * (epoch + 1) / total_epochs
+
+
+def curriculum_factor(
+    epoch: int,
+    total_epochs: int,
+    epoch_fraction: float = 0.0,
+    *,
+    schedule: str = "easy_to_hard",
+    smooth: bool = False,
+) -> float:
+    """lambda at `epoch` (0-based) of `total_epochs`, `epoch_fraction` in [0, 1) of the way through it.
+
+    easy_to_hard: +1 -> -1 (the reference curriculum); hard_to_easy: -1 -> +1; partner, neutral, adversary:
+    constant +1, 0, -1. By default lambda changes once per epoch (as the reference) and `epoch_fraction` is
+    ignored; `smooth` makes it linear in the training progress t = (epoch + epoch_fraction) / total_epochs,
+    lambda = 1 - 2t for easy_to_hard, so it changes every iteration.
+    """
+    if total_epochs < 1 or not 0 <= epoch < total_epochs:
+        raise ValueError(f"epoch must be in [0, total_epochs), got epoch={epoch}, total_epochs={total_epochs}")
+    if not 0.0 <= epoch_fraction < 1.0:
+        raise ValueError(f"epoch_fraction must be in [0, 1), got {epoch_fraction}")
+    if schedule == "easy_to_hard":
+        return _easy_to_hard(epoch, total_epochs, epoch_fraction, smooth)
+    if schedule == "hard_to_easy":
+        # Partner and adversary swapped; for an even E this is also easy_to_hard played backwards.
+        return -_easy_to_hard(epoch, total_epochs, epoch_fraction, smooth)
+    constants = {"partner": 1.0, "neutral": 0.0, "adversary": -1.0}
+    if schedule in constants:
+        return constants[schedule]
+    raise ValueError(f"unknown curriculum schedule {schedule!r}; one of {', '.join(CURRICULUM_SCHEDULES)}")

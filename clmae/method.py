@@ -1,0 +1,115 @@
+"""The two optimisation steps of one CL-MAE iteration, run on the same batch (SPEC sections 3 and 6).
+
+    loss, metrics = mae_step(mae, cmm, imgs, cfg)             # hard masks; backward + step the MAE
+    loss, metrics = cmm_step(mae, cmm, imgs, lam, cfg)        # soft masks; backward + step the CMM
+
+`lam` comes from `clmae.curriculum.curriculum_factor`. For `masking.mode: random` (plain MAE) `cmm` is None and
+only `mae_step` runs. Metrics are detached 0-d tensors on the batch's device: nothing here waits on the device,
+the caller decides when to read them.
+
+Under DeepSpeed pass the CMM step the MAE's plain module (`engine.module`), not its engine: the MAE is frozen in
+that step, and its engine's gradient partitioning does not expect a forward without gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from clmae.config import Config
+from clmae.losses import cmm_loss, reconstruction_loss, reconstruction_target
+from clmae.models import CurriculumMaskingModule, MaskedAutoencoderViT, build_models
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """No parameter of `module` takes part in the graphs built inside the block; flags are restored after.
+
+    Autograd decides which leaves get a gradient when the graph is built, so a backward() after the block still
+    gives these parameters none. Parameters that were already frozen (fixed position embeddings) stay frozen.
+    """
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for param in trainable:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in trainable:
+            param.requires_grad_(True)
+
+
+def mask_statistics(keep: Tensor) -> dict[str, Tensor]:
+    """Summaries of the keep scores m (B, L): mean, std, fraction above 0.5 (visible if thresholded), and the
+    mean binary entropy in bits (1 = undecided m = 0.5, 0 = binary masks)."""
+    keep = keep.detach().float()
+    entropy = -(torch.special.xlogy(keep, keep) + torch.special.xlogy(1 - keep, 1 - keep)) / math.log(2)
+    return {
+        "mask_mean": keep.mean(),
+        "mask_std": keep.std(),
+        "mask_above_half": (keep > 0.5).float().mean(),
+        "mask_entropy": entropy.mean(),
+    }
+
+
+def mae_step(
+    mae: MaskedAutoencoderViT, cmm: CurriculumMaskingModule | None, imgs: Tensor, cfg: Config
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The MAE's loss on hard masks: the CMM's top-k (curriculum) or uniform noise (cmm None).
+
+    imgs: (B, 3, H, W). The CMM runs under no_grad inside the MAE's forward: no graph, no gradient reaches it.
+    Returns the reconstruction loss over hidden patches and {"loss_rec"}.
+    """
+    pred, hidden, _ = mae(imgs, cmm)
+    target = reconstruction_target(mae.patchify(imgs), cfg.model.norm_pix_loss)
+    loss = reconstruction_loss(pred, target, hidden)
+    return loss, {"loss_rec": loss.detach()}
+
+
+def cmm_step(
+    mae: MaskedAutoencoderViT, cmm: CurriculumMaskingModule, imgs: Tensor, curriculum_factor: float, cfg: Config
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The CMM's loss L_CMM on soft masks, with the MAE frozen (its parameters get no gradient from it).
+
+    imgs: (B, 3, H, W); curriculum_factor: lambda of this iteration.
+    Returns L_CMM and {"loss_cmm", "loss_rec_soft", "loss_gauss", "loss_kl", "loss_div", "lambda", "mask_*"}.
+    """
+    with frozen(mae):
+        pred, hidden, keep = mae(imgs, cmm, soft=True)
+    target = reconstruction_target(mae.patchify(imgs), cfg.model.norm_pix_loss)
+    rec_soft = reconstruction_loss(pred, target, hidden)
+    loss, terms = cmm_loss(rec_soft, keep, curriculum_factor, cfg.loss, cfg.model.mask_ratio)
+    metrics = {name: value.detach() for name, value in terms.items()}
+    metrics["loss_cmm"] = loss.detach()
+    metrics["lambda"] = torch.full((), curriculum_factor, device=loss.device)
+    metrics.update(mask_statistics(keep))
+    return loss, metrics
+
+
+def iteration_flops(cfg: Config) -> dict[str, float]:
+    """Training FLOPs (forward + backward) per image of each step: {"mae": ..., "cmm": ...}.
+
+    Counted, not estimated: the two steps run once on a meta-device copy of the models, the same code as
+    training, with no memory and no compute. The MAE step includes the CMM's no-grad forward; "cmm" is 0
+    for plain MAE (masking.mode: random). The optimiser's element-wise work is not included.
+    """
+    with torch.device("meta"):
+        mae, cmm = build_models(cfg)
+        size = mae.patch_embed.img_size
+        images = torch.randn(1, 3, *size)
+    counts = {}
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = mae_step(mae, cmm, images, cfg)
+        loss.backward()
+    counts["mae"] = float(counter.get_total_flops())
+    counts["cmm"] = 0.0
+    if cmm is not None:
+        with FlopCounterMode(display=False) as counter:
+            loss, _ = cmm_step(mae, cmm, images, 0.5, cfg)
+            loss.backward()
+        counts["cmm"] = float(counter.get_total_flops())
+    return counts
