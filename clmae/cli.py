@@ -9,12 +9,11 @@ from collections.abc import Callable
 
 def run_main(main: Callable[[], int | None]) -> None:
     """Turn the known user errors into one line on stderr and exit code 2, instead of a traceback."""
-    from clmae.config import ConfigError
-    from clmae.dist import DistError
+    from clmae.errors import ClmaeError
 
     try:
         code = main()
-    except (ConfigError, DistError, FileNotFoundError, FileExistsError) as err:
+    except (ClmaeError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

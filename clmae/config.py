@@ -26,6 +26,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from clmae.errors import ClmaeError
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULTS_NAME = "defaults"
 
@@ -33,7 +35,7 @@ MODEL_NAMES = ("vit_tiny", "vit_base_patch16", "vit_large_patch16", "vit_huge_pa
 CURRICULUM_SCHEDULES = ("easy_to_hard", "hard_to_easy", "partner", "neutral", "adversary")
 
 
-class ConfigError(ValueError):
+class ConfigError(ClmaeError, ValueError):
     """A config file, key or value is invalid; the message names the key."""
 
 
@@ -172,7 +174,7 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """`{"optim.base_lr": 1e-3, ...}`: the shape MLflow params want."""
-        return _flatten(self.to_dict())
+        return flatten(self.to_dict())
 
 
 # Range checks that types cannot express: key -> (predicate, what it must be).
@@ -320,12 +322,12 @@ def config_hash(cfg: Config, sections: typing.Iterable[str] | None = None) -> st
 # --------------------------------------------------------------------------------------------------
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
+            flat.update(flatten(value, name + "."))
         else:
             flat[name] = value
     return flat

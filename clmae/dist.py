@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+from clmae.errors import ClmaeError
+
 T = TypeVar("T")
 
 DEFAULT_PORT = 29500
@@ -39,7 +41,7 @@ def slurm_master_port(job_id: int, step_id: int) -> int:
     return SLURM_PORT_BASE + (job_id % SLURM_PORT_JOBS) * SLURM_PORT_STEPS + step_id % SLURM_PORT_STEPS
 
 
-class DistError(RuntimeError):
+class DistError(ClmaeError, RuntimeError):
     """The environment describes an impossible or incomplete distributed setup."""
 
 
@@ -53,6 +55,11 @@ class DistEnv:
     master_port: int
     backend: str
     launcher: str  # "torchrun" | "deepspeed" | "slurm" | "single"
+
+    @classmethod
+    def single(cls) -> DistEnv:
+        """Rank 0 of 1: for work every rank does on the whole of something (e.g. the same images)."""
+        return cls(0, 0, 1, 1, "127.0.0.1", DEFAULT_PORT, "gloo", "single")
 
     @property
     def is_main(self) -> bool:

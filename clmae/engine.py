@@ -1,0 +1,177 @@
+"""Two DeepSpeed engines: one for the MAE, one for the curriculum masking module (SPEC section 6).
+
+Each module gets its own AdamW, LR schedule and clipping, so neither optimiser ever holds state for,
+or applies weight decay to, the other module (the reference's single optimiser with toggled
+requires_grad leaks both). Both engines share the ZeRO / precision settings of one ds_configs file.
+
+How the two steps go through the engines (what was proven equal to a single-process reference for
+ZeRO 1, 2 and 3; see tests/test_engine.py):
+- MAE step: the masking module runs under no_grad through its plain module; the MAE runs through its
+  engine; `mae_engine.backward` / `mae_engine.step`.
+- CMM step: every MAE parameter is frozen (`requires_grad=False`), the MAE runs through its *plain
+  module* (`mae_engine.module`), so no ZeRO gradient hook of the MAE engine fires; the masking module
+  runs through its engine; `cmm_engine.backward` / `cmm_engine.step`; the MAE is unfrozen again.
+  Forwarding through the MAE *engine* here hits DeepSpeed bugs (#4923: IndexError in ZeRO-2 gradient
+  partitioning; "gradient computed twice" without freezing; wrong results under ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clmae.config import Config, ConfigError, OptimConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+# Parameters that MAE excludes from weight decay besides biases and norms (all 1-D).
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed")
+
+
+def resolve_ds_config(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".json" or os.sep in name_or_path:
+        if not path.is_file():
+            raise ConfigError(f"train.ds_config: file not found: {path}")
+        return path
+    shipped = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if not shipped.is_file():
+        names = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
+        raise ConfigError(f"train.ds_config: no file '{name_or_path}' in {DS_CONFIG_DIR} (available: {names})")
+    return shipped
+
+
+def build_ds_config(cfg: Config, world_size: int, clip_grad: float) -> dict[str, Any]:
+    """The ds_configs file, with the batch geometry and clipping taken from the run config."""
+    path = resolve_ds_config(cfg.train.ds_config)
+    try:
+        ds_config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"train.ds_config: {path} is not valid JSON: {err}") from err
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer"):
+        if key in ds_config:
+            raise ConfigError(
+                f"train.ds_config: {path} sets '{key}'; batch sizes and the optimiser come from the run "
+                "config (data.batch_size, train.accum_steps, optim.*), remove it from the JSON file"
+            )
+    ds_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    ds_config["gradient_accumulation_steps"] = cfg.train.accum_steps
+    ds_config["train_batch_size"] = cfg.data.batch_size * cfg.train.accum_steps * world_size
+    ds_config["gradient_clipping"] = clip_grad
+    ds_config.setdefault("steps_per_print", 10**9)
+    return ds_config
+
+
+def precision_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices only (MAE's rule), trainable parameters only."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def peak_lr(opt: OptimConfig, global_batch: int) -> float:
+    """MAE's linear scaling rule: lr = base_lr * global_batch / 256."""
+    return opt.base_lr * global_batch / 256
+
+
+class WarmupCosine:
+    """LR multiplier per optimiser step: linear warmup, then half-cycle cosine down to min_lr.
+
+    A callable object rather than a closure so that LambdaLR's state_dict carries its numbers. It is
+    a pure function of the step (MAE's per-iteration schedule, `epoch + it / iters_per_epoch`), which
+    makes a resumed run's learning rates identical to an uninterrupted run's.
+    """
+
+    def __init__(self, peak: float, min_lr: float, warmup_epochs: float, epochs: int, steps_per_epoch: int):
+        self.peak = peak
+        self.min_lr = min_lr
+        self.warmup_epochs = warmup_epochs
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+
+    def lr(self, step: int) -> float:
+        epoch = step / self.steps_per_epoch
+        if epoch < self.warmup_epochs:
+            return self.peak * epoch / self.warmup_epochs
+        progress = (epoch - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1e-12)
+        progress = min(progress, 1.0)
+        return self.min_lr + (self.peak - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def __call__(self, step: int) -> float:
+        return self.lr(step) / self.peak
+
+
+@dataclass
+class Engines:
+    mae: Any  # deepspeed.DeepSpeedEngine
+    cmm: Any | None  # None for plain MAE (masking.mode: random)
+    dtype: torch.dtype
+    global_batch: int
+    ds_config: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mae": self.mae} if self.cmm is None else {"mae": self.mae, "cmm": self.cmm}
+
+    def lrs(self) -> dict[str, float]:
+        out = {"lr/mae": self.mae.get_lr()[0]}
+        if self.cmm is not None:
+            out["lr/cmm"] = self.cmm.get_lr()[0]
+        return out
+
+
+def _initialize(module: nn.Module, opt: OptimConfig, cfg: Config, world_size: int, steps_per_epoch: int):
+    import deepspeed
+
+    ds_config = build_ds_config(cfg, world_size, clip_grad=opt.clip_grad)
+    global_batch = ds_config["train_batch_size"]
+    peak = peak_lr(opt, global_batch)
+    # Fused AdamW is one kernel for all parameters on CUDA; the plain loop is what runs on CPU.
+    fused = torch.cuda.is_available() and next(module.parameters()).is_cuda
+    optimizer = torch.optim.AdamW(
+        param_groups(module, opt.weight_decay), lr=peak, betas=tuple(opt.betas), fused=fused or None
+    )
+    schedule = WarmupCosine(peak, opt.min_lr, opt.warmup_epochs, cfg.train.epochs, steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
+    return engine, ds_config
+
+
+def build_engines(cfg: Config, mae: nn.Module, cmm: nn.Module | None, steps_per_epoch: int, world_size: int) -> Engines:
+    """Wrap each module in its own DeepSpeed engine. `steps_per_epoch` counts optimiser steps."""
+    mae_engine, ds_config = _initialize(mae, cfg.optim, cfg, world_size, steps_per_epoch)
+    cmm_engine = None
+    if cmm is not None:
+        cmm_engine, _ = _initialize(cmm, cfg.cmm_optim_resolved(), cfg, world_size, steps_per_epoch)
+    return Engines(
+        mae=mae_engine,
+        cmm=cmm_engine,
+        dtype=precision_dtype(ds_config),
+        global_batch=ds_config["train_batch_size"],
+        ds_config=ds_config,
+    )

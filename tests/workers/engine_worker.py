@@ -1,0 +1,157 @@
+"""Run by tests/test_engine.py under `torchrun --nproc_per_node 2` (gloo, CPU).
+
+For ZeRO stages 1, 2 and 3 it trains the tiny CL-MAE for a few iterations through the two DeepSpeed
+engines exactly as clmae/train.py does, and checks on the way that
+- the module that is not being stepped is bitwise unchanged by the other module's step,
+- each engine's optimiser holds state for its own module only,
+then writes the final weights of both modules for the test to compare with a single-process reference.
+It also builds every ds_configs file into a DeepSpeedConfig and runs one bf16 iteration.
+
+usage: engine_worker.py OUT_DIR ITERATIONS
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from deepspeed.utils import safe_get_full_fp32_param
+
+from clmae import dist
+from clmae.config import load_config
+from clmae.engine import DS_CONFIG_DIR, build_ds_config, build_engines
+from clmae.method import cmm_step, mae_step
+from clmae.models import build_models
+
+PER_RANK_BATCH = 4
+STEPS_PER_EPOCH = 10
+
+
+def config_for(ds_config: str):
+    return load_config(
+        "tiny_digits",
+        [
+            f"train.ds_config={ds_config}",
+            f"data.batch_size={PER_RANK_BATCH}",
+            "optim.warmup_epochs=0.2",  # the lr changes every step, so the schedules are compared too
+            "optim.clip_grad=1.0",
+            "cmm_optim.clip_grad=0.5",
+            # lr = base_lr * 8 / 256: large enough that 4 steps move every weight measurably.
+            "optim.base_lr=0.5",
+            "cmm_optim.base_lr=1.0",
+        ],
+    )
+
+
+def global_batches(iterations: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1234)
+    return [torch.randn(PER_RANK_BATCH * 2, 3, 32, 32, generator=generator) for _ in range(iterations)]
+
+
+def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter in full. ZeRO-3 keeps only a shard of each on a rank: read its fp32
+    master copy through DeepSpeed (a collective), which is what the next forward will use."""
+    state = {}
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        full = safe_get_full_fp32_param(param) if hasattr(param, "ds_id") else param
+        state[name] = full.detach().clone().float()
+    return state
+
+
+def optimizer_state_numel(engine) -> int:
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return sum(state["exp_avg"].numel() for state in base.state.values() if "exp_avg" in state)
+
+
+def train_stage(ds_config: str, iterations: int, out_dir: Path, env) -> None:
+    cfg = config_for(ds_config)
+    torch.manual_seed(cfg.run.seed)
+    mae, cmm = build_models(cfg)
+    mae_numel = sum(p.numel() for p in mae.parameters() if p.requires_grad)
+    cmm_numel = sum(p.numel() for p in cmm.parameters() if p.requires_grad)
+    engines = build_engines(cfg, mae, cmm, STEPS_PER_EPOCH, env.world_size)
+    losses = []
+    for batch in global_batches(iterations):
+        images = batch.chunk(env.world_size)[env.rank]
+        cmm_before = full_state(engines.cmm.module)
+        loss, _ = mae_step(engines.mae, engines.cmm.module, images, cfg)
+        engines.mae.backward(loss)
+        engines.mae.step()
+        assert all(torch.equal(cmm_before[n], v) for n, v in full_state(engines.cmm.module).items()), (
+            f"{ds_config}: the MAE step changed the masking module"
+        )
+        mae_before = full_state(engines.mae.module)
+        cmm_loss, _ = cmm_step(engines.mae.module, engines.cmm, images, 0.5, cfg)
+        engines.cmm.backward(cmm_loss)
+        engines.cmm.step()
+        assert all(torch.equal(mae_before[n], v) for n, v in full_state(engines.mae.module).items()), (
+            f"{ds_config}: the CMM step changed the MAE"
+        )
+        losses.append([loss.item(), cmm_loss.item()])
+
+    # Each optimiser's Adam moments cover its own module's shard only (plus alignment padding).
+    for engine, own, other in ((engines.mae, mae_numel, cmm_numel), (engines.cmm, cmm_numel, mae_numel)):
+        held = optimizer_state_numel(engine)
+        assert own / env.world_size <= held <= own / env.world_size + 1024, (ds_config, held, own)
+        assert held < (own + other) / env.world_size, (ds_config, held)
+
+    mae_final, cmm_final = full_state(engines.mae.module), full_state(engines.cmm.module)
+    lrs = {"mae": engines.mae.get_lr()[0], "cmm": engines.cmm.get_lr()[0]}
+    if env.rank == 0:
+        torch.save({"mae": mae_final, "cmm": cmm_final, "losses": losses, "lrs": lrs}, out_dir / f"{ds_config}.pt")
+    tdist.barrier()
+
+
+def check_every_ds_config(env) -> None:
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = load_config("tiny_digits")
+    for path in sorted(DS_CONFIG_DIR.glob("*.json")):
+        stage, precision = path.stem.split("_")
+        ds = DeepSpeedConfig(build_ds_config(load_config("tiny_digits", [f"train.ds_config={path.stem}"]), 2, 1.0))
+        assert ds.zero_optimization_stage == int(stage.removeprefix("zero")), path
+        assert ds.bfloat16_config.enabled == (precision == "bf16"), path
+        assert ds.float16_config.enabled == (precision == "fp16"), path
+        assert ds.train_batch_size == cfg.data.batch_size * env.world_size, path
+    if env.rank == 0:
+        print(f"ds_configs checked: {len(list(DS_CONFIG_DIR.glob('*.json')))}", flush=True)
+
+
+def bf16_iteration(env) -> None:
+    """bf16 on CPU is slow but runs: one iteration of both steps must give finite losses."""
+    cfg = config_for("zero2_bf16")
+    torch.manual_seed(0)
+    mae, cmm = build_models(cfg)
+    engines = build_engines(cfg, mae, cmm, STEPS_PER_EPOCH, env.world_size)
+    images = global_batches(1)[0].chunk(env.world_size)[env.rank].to(engines.dtype)
+    loss, _ = mae_step(engines.mae, engines.cmm.module, images, cfg)
+    engines.mae.backward(loss)
+    engines.mae.step()
+    cmm_loss, _ = cmm_step(engines.mae.module, engines.cmm, images, -0.5, cfg)
+    engines.cmm.backward(cmm_loss)
+    engines.cmm.step()
+    assert engines.dtype == torch.bfloat16 and torch.isfinite(loss) and torch.isfinite(cmm_loss)
+    if env.rank == 0:
+        print(f"bf16 iteration: mae {loss.item():.4f} cmm {cmm_loss.item():.4f}", flush=True)
+
+
+def main() -> None:
+    out_dir, iterations = Path(sys.argv[1]), int(sys.argv[2])
+    env = dist.init()
+    try:
+        check_every_ds_config(env)
+        for stage in (1, 2, 3):
+            train_stage(f"zero{stage}_fp32", iterations, out_dir, env)
+            if env.rank == 0:
+                print(f"zero{stage}_fp32 trained", flush=True)
+        bf16_iteration(env)
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
