@@ -1,5 +1,8 @@
 """Shared pytest fixtures."""
 
+import subprocess
+import sys
+
 import pytest
 
 from tests.slurm_cluster import LocalSlurmCluster, missing_binaries
@@ -23,3 +26,19 @@ def slurm_cluster():
         )
     with LocalSlurmCluster() as cluster:
         yield cluster
+
+
+# --------------------------------------------------------------------------------------------------
+# The embedded digits dataset, converted once per session through the real converter.
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """A directory with train.beton and val.beton of scikit-learn's digits (`clmae-prep digits`)."""
+    out = tmp_path_factory.mktemp("digits")
+    result = subprocess.run(
+        [sys.executable, "-m", "data_prep", "digits", str(out), "--overwrite"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out

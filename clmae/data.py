@@ -1,0 +1,403 @@
+"""FFCV loaders for pre-training and evaluation, with epochs that can be reproduced and resumed mid-way.
+
+Pre-training batches (SPEC section 6): RandomResizedCrop(img_size, scale=data.crop_scale, ratio (3/4, 4/3)),
+horizontal flip, ImageNet mean/std; images float32 (B, 3, H, W), labels int64 (B,); the last partial batch
+of a rank is dropped. Interpolation: FFCV 1.0.2's crop decoders resize with OpenCV's INTER_AREA, hard-coded
+in its C extension (`resize` in libffcv takes no interpolation argument), so the MAE recipe's bicubic cannot
+be selected. INTER_AREA averages source pixels when shrinking (anti-aliased; the usual case for ImageNet
+crops) and interpolates bilinearly when enlarging.
+
+Evaluation batches: the centre square of `data.eval_crop_ratio` of the shorter side resized to img_size
+(the same pixels as resize to img_size / ratio then centre crop: 256 -> 224), no augmentation, every sample
+of the rank's share exactly once, in file order.
+
+Device: on CPU everything stays on CPU and images are contiguous NCHW, normalised and transposed in one
+compiled pass (`_NormalizeToCHW`); the flip happens in the crop decoder.
+On CUDA, uint8 crops are copied to the GPU (non_blocking, on FFCV's side stream) as channels_last, the
+layout cuDNN's convolutions (the patch embedding) prefer, and normalised there by a torch op as each batch
+is handed out (FFCV's NormalizeImage needs CuPy on a GPU).
+
+Order. A rank's epoch is a pure function of (seed, epoch, rank, world size), the same permutation and
+sharding as FFCV's `distributed=True, order=RANDOM`, which delegates to PyTorch's
+`DistributedSampler(shuffle=True, seed=seed, drop_last=False)` with `set_epoch(epoch)`: `torch.randperm`
+seeded with seed + epoch, padded to a multiple of the world size by repeating its start, rank r taking
+positions r, r + world, r + 2 world, ... It is computed here rather than by FFCV because FFCV's sampler
+reads rank and world size from an initialised process group, and cannot start an epoch part-way.
+
+Resume: `iterate_epoch(epoch, skip_batches=k)` hands FFCV the epoch's order without its first k batches, so
+they are neither read nor decoded, and the batches that come are exactly batches k+1.. of the uninterrupted
+epoch: the same images in the same order, with the same crops and flips (`SeededRandomResizedCrop` derives
+each image's draws from its batch, so they follow the order). A resumed run sees bit-identical pixels.
+
+CPU batches are views into FFCV's ring of `batches_ahead + 2` buffers: use a batch before drawing
+`batches_ahead` (3) more, or clone it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from clmae.config import Config
+    from clmae.dist import DistEnv
+
+
+@contextlib.contextmanager
+def _keep_torch_threads():
+    """FFCV sets torch's intra-op thread count as a side effect (to 1 on import, to the loader's worker count
+    when a loader is built and when an epoch starts); the training process's own setting is put back."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+with _keep_torch_threads():  # importing FFCV sets torch's thread count to 1
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop, imdecode, resize_crop
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.operation import Operation
+    from ffcv.pipeline.state import State
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_ASPECT_RATIO = (3 / 4, 4 / 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Epoch order: pure functions of (seed, epoch, rank, world size)
+# --------------------------------------------------------------------------------------------------
+
+
+def shuffled_shard(num_samples: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
+    """Rank `rank`'s sample ids for `epoch`, exactly as `DistributedSampler(shuffle=True, drop_last=False)`:
+    every rank gets ceil(N / world) ids; the ranks' shares are disjoint except for the padding."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    permutation = torch.randperm(num_samples, generator=generator).numpy()
+    padded = np.resize(permutation, math.ceil(num_samples / world_size) * world_size)  # repeats from the start
+    return padded[rank::world_size]
+
+
+def contiguous_shard(num_samples: int, rank: int, world_size: int) -> np.ndarray:
+    """Rank `rank`'s part of 0..N-1 for evaluation: contiguous, no padding (shares differ by at most one)."""
+    return np.array_split(np.arange(num_samples), world_size)[rank]
+
+
+# --------------------------------------------------------------------------------------------------
+# The loader
+# --------------------------------------------------------------------------------------------------
+
+
+class _PlannedOrder:
+    """Stands in for FFCV's TraversalOrder: gives FFCV's Loader the sample ids `iterate_epoch` planned.
+
+    (FFCV 1.0.2 cannot take a custom order class through its constructor: it tests `isinstance(order,
+    TraversalOrder)` on what it then calls as a class. So the loader is built with SEQUENTIAL and its
+    order object replaced.)"""
+
+    def __init__(self) -> None:
+        self.indices = np.empty(0, dtype=np.int64)
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.indices
+
+
+class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
+    """FFCV's RandomResizedCrop decoder, plus the horizontal flip, with every random draw reproducible.
+
+    FFCV draws crops inside numba-compiled worker threads from numba's own per-thread generators, which
+    Python cannot seed: a resumed run would see other crops than an uninterrupted one. Here each image
+    seeds its thread's generator, right before its draws, from (seed, the sample ids of its whole batch,
+    its position in the batch). The batch's ids come from the epoch's planned order, a pure function of
+    (seed, epoch, rank, world size), so every crop and flip is too: the same after a resume, different in
+    every epoch (FFCV's own MixUp seeds from the batch's indices the same way).
+
+    Output: (B, H, W, 3) uint8, as FFCV's decoder.
+    """
+
+    def __init__(self, output_size, scale, ratio, flip_prob: float, seed: int):
+        super().__init__(output_size)
+        self.scale, self.ratio = np.array(scale), np.array(ratio)
+        self.flip_prob, self.seed = flip_prob, seed
+
+    @property
+    def get_crop_generator(self):
+        return get_random_crop
+
+    def generate_code(self):
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        parallel_range = Compiler.get_iterator()
+        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        get_crop_c, mirror_c, batch_key_c = (
+            Compiler.compile(get_random_crop),
+            Compiler.compile(_mirror),
+            Compiler.compile(_batch_key),
+        )
+        scale, ratio, flip_prob, seed = self.scale, self.ratio, self.flip_prob, np.uint64(self.seed)
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            key = batch_key_c(seed, batch_indices)
+            for dst_ix in parallel_range(len(batch_indices)):
+                # numba's generator of this thread, seeded for this image only (uint32 seeds).
+                np.random.seed(np.uint32((key + np.uint64(dst_ix) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)))
+                field = metadata[batch_indices[dst_ix]]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    temp_buffer = temp_storage[dst_ix]
+                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                    temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                else:
+                    temp_buffer = image_data.reshape(height, width, 3)
+                i, j, h, w = get_crop_c(height, width, scale, ratio)
+                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                if np.random.rand() < flip_prob:
+                    mirror_c(destination[dst_ix])
+            return destination[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+def _batch_key(seed, batch_indices):
+    """FNV-1a over the batch's sample ids: a 64-bit key that changes whenever the batch does."""
+    key = np.uint64(0xCBF29CE484222325) ^ seed
+    for index in batch_indices:
+        key = (key ^ np.uint64(index)) * np.uint64(0x100000001B3)
+    return key
+
+
+def _mirror(image):
+    """Flip (H, W, 3) left-right in place."""
+    height, width = image.shape[0], image.shape[1]
+    for y in range(height):
+        for x in range(width // 2):
+            for c in range(3):
+                image[y, x, c], image[y, width - 1 - x, c] = image[y, width - 1 - x, c], image[y, x, c]
+
+
+class _NormalizeToCHW(Operation):
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 (x - mean) / std in one compiled pass: the CPU pipeline's
+    last pixel pass. FFCV's NormalizeImage and ToTorchImage(channels_last=False) take two, the second a
+    transposing copy in torch that cost about a third of the loader's throughput on 2 cores."""
+
+    def __init__(self):
+        super().__init__()
+        mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
+        self.lookup = ((np.arange(256)[:, None] - mean) / std).astype(np.float32)  # (256, 3)
+
+    def generate_code(self):
+        parallel_range = Compiler.get_iterator()
+        lookup = self.lookup
+
+        def normalize_to_chw(images, destination):
+            height, width = images.shape[1], images.shape[2]
+            for i in parallel_range(images.shape[0]):
+                for y in range(height):
+                    for x in range(width):
+                        for c in range(3):
+                            destination[i, c, y, x] = lookup[images[i, y, x, c], c]
+            return destination
+
+        normalize_to_chw.is_parallel = True
+        return normalize_to_chw
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        height, width, channels = previous_state.shape
+        shape, dtype = (channels, height, width), np.dtype(np.float32)
+        return replace(previous_state, jit_mode=True, shape=shape, dtype=dtype), AllocationQuery(shape, dtype)
+
+
+class _NormalizeOnDevice(torch.nn.Module):
+    """uint8 (B, 3, H, W) -> float32 (x - mean) / std, on the device and stream of the caller."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, device=device).mul(255).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD, device=device).mul(255).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float().sub_(self.mean).div_(self.std)  # keeps channels_last
+
+
+def _pipelines(decoder, device: torch.device) -> dict[str, list]:
+    label = [IntDecoder(), ToTensor(), Squeeze(1)]
+    if device.type != "cuda":
+        return {"image": [decoder, _NormalizeToCHW(), ToTensor()], "label": label}
+    # Ends in FFCV's uint8 ring buffers, which FFCV fences against its side streams; normalising there
+    # would hand out tensors allocated on a side stream that the caching allocator could recycle while
+    # the training stream still reads them.
+    image = [decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
+    label.append(ToDevice(device, non_blocking=True))
+    return {"image": image, "label": label}
+
+
+class EpochLoader:
+    """An FFCV Loader over one .beton whose epochs are planned here (see the module docstring).
+
+    Attributes for the caller:
+        num_images:        samples in the file
+        images_per_epoch:  samples this rank sees per epoch (after padding / drop_last)
+        batches_per_epoch: batches this rank yields per epoch (also `len(loader)`)
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        decoder,
+        device: str | torch.device,
+        batch_size: int,
+        num_workers: int,
+        os_cache: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+        shuffle: bool,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        device = torch.device(device)
+        # On CUDA the images are normalised as they are handed out, on the caller's stream.
+        self._normalize = _NormalizeOnDevice(device) if device.type == "cuda" else None
+        with _keep_torch_threads():
+            self._ffcv = Loader(
+                str(path),
+                batch_size=batch_size,
+                num_workers=num_workers,
+                os_cache=os_cache,
+                order=OrderOption.SEQUENTIAL,
+                seed=seed,  # unused by the planned order; without it FFCV draws one from numpy's global RNG
+                pipelines=_pipelines(decoder, device),
+                drop_last=False,  # applied to the planned order instead (epoch_indices)
+            )
+        self._order = _PlannedOrder()
+        self._ffcv.traversal_order = self._order
+        self.path = Path(path)
+        self.batch_size = batch_size
+        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        self.num_images = int(self._ffcv.reader.num_samples)
+        if shuffle:
+            share = math.ceil(self.num_images / world_size)
+            self.batches_per_epoch = share // batch_size
+            self.images_per_epoch = self.batches_per_epoch * batch_size
+        else:
+            self.images_per_epoch = len(contiguous_shard(self.num_images, rank, world_size))
+            self.batches_per_epoch = math.ceil(self.images_per_epoch / batch_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """This rank's sample ids for `epoch` in the order they are batched: (images_per_epoch,)."""
+        if not self.shuffle:
+            return contiguous_shard(self.num_images, self.rank, self.world_size)
+        order = shuffled_shard(self.num_images, self.seed, epoch, self.rank, self.world_size)
+        return order[: self.images_per_epoch]
+
+    def iterate_epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches k+1.. of `epoch` for k = skip_batches: `(images (B, 3, H, W) float32, labels (B,) int64)`.
+
+        The skipped batches are not read. The order depends only on (seed, epoch, rank, world size), so a
+        resumed run that passes the step it stopped at sees the rest of the epoch it was interrupted in.
+        """
+        if not 0 <= skip_batches <= self.batches_per_epoch:
+            raise ValueError(f"skip_batches={skip_batches} is outside 0..{self.batches_per_epoch} (batches per epoch)")
+        remaining = self.epoch_indices(epoch)[skip_batches * self.batch_size :]
+        if len(remaining) == 0:
+            return
+        self._order.indices = remaining
+        with _keep_torch_threads():
+            batches = iter(self._ffcv)
+        try:
+            for images, labels in batches:
+                yield (self._normalize(images) if self._normalize is not None else images), labels
+        finally:
+            batches.close()  # stops FFCV's prefetch thread when the caller leaves the epoch early
+
+
+# --------------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------------
+
+
+def _model_image_size(cfg: Config) -> int:
+    if cfg.model.img_size is not None:
+        return cfg.model.img_size
+    from clmae.models import VIT_SPECS
+
+    return VIT_SPECS[cfg.model.name].img_size
+
+
+def _existing(path: str, key: str) -> Path:
+    resolved = Path(path)
+    if not resolved.is_file():
+        raise FileNotFoundError(
+            f"{key}: {path} does not exist; write it with `clmae-prep` (e.g. `clmae-prep digits data/digits`)"
+        )
+    return resolved
+
+
+def build_pretrain_loader(
+    cfg: Config, env: DistEnv, device: str | torch.device = "cpu", img_size: int | None = None
+) -> EpochLoader:
+    """The pre-training loader over `data.train_path`: this rank's shuffled share, augmented, drop_last.
+
+    env: anything with `.rank` and `.world_size` (clmae.dist.DistEnv). img_size: None means
+    `model.img_size`, else the model's native size.
+    """
+    size = img_size or _model_image_size(cfg)
+    decoder = SeededRandomResizedCrop(
+        (size, size), scale=cfg.data.crop_scale, ratio=CROP_ASPECT_RATIO, flip_prob=0.5, seed=cfg.run.seed
+    )
+    return EpochLoader(
+        _existing(cfg.data.train_path, "data.train_path"),
+        decoder,
+        device=device,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        os_cache=cfg.data.os_cache,
+        seed=cfg.run.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        shuffle=True,
+    )
+
+
+def build_eval_loader(
+    cfg: Config,
+    env: DistEnv,
+    device: str | torch.device = "cpu",
+    img_size: int | None = None,
+    path: str | None = None,
+) -> EpochLoader:
+    """The evaluation loader over `path` (default `data.val_path`): this rank's contiguous share, in order,
+    centre-cropped, not augmented, no sample dropped. Pass `data.train_path` for a probe's training features."""
+    size = img_size or _model_image_size(cfg)
+    source = path or cfg.data.val_path
+    decoder = CenterCropRGBImageDecoder((size, size), ratio=cfg.data.eval_crop_ratio)
+    return EpochLoader(
+        _existing(source, "data.val_path" if path is None else "evaluation data"),
+        decoder,
+        device=device,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        os_cache=cfg.data.os_cache,
+        seed=cfg.run.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        shuffle=False,
+    )
