@@ -1,0 +1,346 @@
+"""Checkpoints: both engines' ZeRO-sharded states under one step tag, plus the run's client state.
+
+Layout of a run directory:
+
+    <run_dir>/checkpoints/
+        step_000001200/
+            mae/state/...        DeepSpeed files of the MAE engine (one shard per rank)
+            cmm/state/...        DeepSpeed files of the masking module's engine
+            rng/rank_00000.pt    RNG states of every rank (torch, CUDA, numpy, python)
+            client_state.json    epoch, step, global step, curriculum, loader position, MLflow run id, config
+            COMPLETE             written last: a directory without it is an interrupted save
+        latest                   name of the newest complete step directory, replaced atomically
+
+A crash or `kill -9` during a save leaves a directory without COMPLETE and an unchanged `latest`, so
+`resume: auto` always finds a whole checkpoint. Every function here is collective: all ranks call it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from clmae import faults
+from clmae.config import Config, ConfigError, flatten
+from clmae.errors import ClmaeError
+
+CHECKPOINT_SUBDIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"
+LATEST_FILE = "latest"
+ENGINE_TAG = "state"
+STEP_DIR_PATTERN = re.compile(r"^step_(\d{9})$")
+
+# Keys a resumed run may change: where things are and how they are reported, not what is computed.
+RESUME_MUTABLE_PREFIXES = (
+    "run.output_dir",
+    "run.name",
+    "dist.",
+    "data.train_path",
+    "data.val_path",
+    "data.num_workers",
+    "data.os_cache",
+    "train.log_every",
+    "train.peak_tflops",
+    "train.stop_at_step",
+    "checkpoint.",
+    "tracking.",
+)
+
+
+class CheckpointError(ClmaeError, RuntimeError):
+    """A checkpoint is missing, incomplete or does not belong to this run's config."""
+
+
+@dataclass
+class ClientState:
+    epoch: int  # epoch in progress
+    step_in_epoch: int  # optimiser steps already done in that epoch
+    global_step: int  # optimiser steps done in total
+    world_size: int
+    mlflow_run_id: str | None
+    config: dict[str, Any]
+    curriculum_lambda: float | None = None  # for humans reading the file; recomputed on resume
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True)
+
+
+def checkpoint_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINT_SUBDIR
+
+
+def step_dir_name(global_step: int) -> str:
+    return f"step_{global_step:09d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file() and (path / "client_state.json").is_file()
+
+
+def _barrier() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+
+
+def _rank() -> int:
+    return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This rank's RNG states, as plain tensors and lists so that `weights_only=True` can load them."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run_dir: str | os.PathLike, engines: dict[str, Any], client_state: ClientState, keep_last: int) -> Path:
+    """Write a complete checkpoint for `client_state.global_step`, point `latest` at it, prune old ones.
+
+    engines: {"mae": DeepSpeedEngine, "cmm": DeepSpeedEngine}; the masking module's engine is absent
+    for plain MAE runs.
+    """
+    root = checkpoint_root(run_dir)
+    path = root / step_dir_name(client_state.global_step)
+    rank = _rank()
+    if rank == 0:
+        if path.exists():  # an interrupted save of the same step: start it again from nothing
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    _barrier()
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(path / name), tag=ENGINE_TAG, save_latest=False)
+    (path / "rng").mkdir(exist_ok=True)
+    torch.save(capture_rng_state(), path / "rng" / f"rank_{rank:05d}.pt")
+    if rank == 0 and faults.armed("kill_in_save", client_state.global_step):
+        faults.kill_self()
+    _barrier()  # every rank's shards and RNG file are on disk
+    if rank == 0:
+        _write_atomic(path / "client_state.json", client_state.to_json())
+        _write_atomic(path / COMPLETE_MARKER, "")
+        _write_atomic(root / LATEST_FILE, path.name + "\n")
+        prune(root, keep_last)
+    _barrier()
+    return path
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; drop interrupted saves older than the newest."""
+    steps = sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR_PATTERN.match(p.name))
+    complete = [p for p in steps if is_complete(p)]
+    keep = set(complete[-keep_last:])
+    newest = complete[-1] if complete else None
+    for path in steps:
+        if path in keep or (newest is not None and path.name > newest.name):
+            continue  # a newer directory may be a save in progress on a rank that is still writing
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def find_latest(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run: `latest` if it is whole, else the newest whole step dir."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return None
+    latest = root / LATEST_FILE
+    if latest.is_file():
+        candidate = root / latest.read_text().strip()
+        if is_complete(candidate):
+            return candidate
+    complete = sorted(p for p in root.iterdir() if STEP_DIR_PATTERN.match(p.name) and is_complete(p))
+    return complete[-1] if complete else None
+
+
+def resolve_resume(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from, per `checkpoint.resume` (auto | none | a path)."""
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return find_latest(run_dir)
+    path = Path(mode).expanduser()
+    if path.is_dir() and (path / CHECKPOINT_SUBDIR).is_dir():
+        found = find_latest(path)  # a run directory
+        if found is None:
+            raise CheckpointError(f"checkpoint.resume={mode}: the run directory has no complete checkpoint")
+        return found
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.resume={mode}: no such checkpoint directory")
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint.resume={mode}: incomplete checkpoint (no {COMPLETE_MARKER} marker)")
+    return path
+
+
+def read_client_state(path: Path) -> ClientState:
+    return ClientState(**json.loads((path / "client_state.json").read_text()))
+
+
+def check_compatible(saved: ClientState, cfg: Config, world_size: int, path: Path) -> None:
+    """Refuse a checkpoint that belongs to a different model or recipe: resuming it would silently
+    train something else. Keys in RESUME_MUTABLE_PREFIXES may change."""
+    saved_flat = flatten(saved.config)
+    current = cfg.flat()
+    differing = [
+        f"{key}: checkpoint {saved_flat.get(key)!r} != now {current.get(key)!r}"
+        for key in sorted(set(saved_flat) | set(current))
+        if not key.startswith(RESUME_MUTABLE_PREFIXES)
+        and _normalise(saved_flat.get(key)) != _normalise(current.get(key))
+    ]
+    if differing:
+        raise ConfigError(
+            f"checkpoint {path} was written with a different config; refusing to resume "
+            f"({'; '.join(differing)}). Start a new run (run.name=...) or set checkpoint.resume=none"
+        )
+    if saved.world_size != world_size:
+        raise ConfigError(
+            f"checkpoint {path} was written by {saved.world_size} ranks, this run has {world_size}: the data "
+            "order and global batch would change, so the run would not continue exactly; launch the same "
+            "number of ranks"
+        )
+
+
+def _normalise(value: Any) -> Any:
+    # JSON has no tuples: (0.9, 0.95) comes back as [0.9, 0.95].
+    return list(value) if isinstance(value, tuple) else value
+
+
+def load(path: Path, engines: dict[str, Any], load_optimizer: bool = True) -> ClientState:
+    """Restore both engines (weights, optimiser, LR schedule) and this rank's RNG state."""
+    for name, engine in engines.items():
+        load_path, _ = engine.load_checkpoint(
+            str(path / name),
+            tag=ENGINE_TAG,
+            load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer,
+        )
+        if load_path is None:
+            raise CheckpointError(f"{path / name}: DeepSpeed found no engine state to load")
+    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+    if rng_file.is_file():
+        restore_rng_state(torch.load(rng_file, weights_only=True))
+    return read_client_state(path)
+
+
+def consolidated_state_dict(path: str | os.PathLike, engine: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of one engine ("mae" or "cmm") of a checkpoint, gathered from its ZeRO shards by
+    DeepSpeed's own tool: any stage, any number of ranks, no GPU, no process group. `path` is a step
+    directory or a run directory (its newest complete checkpoint)."""
+    path = Path(path).expanduser()
+    step_dir = path if is_complete(path) else find_latest(path)
+    if step_dir is None:
+        raise CheckpointError(f"{path}: no complete clmae checkpoint here")
+    if not (step_dir / engine / ENGINE_TAG).is_dir():
+        raise CheckpointError(f"{step_dir}: has no '{engine}' engine state (a plain-MAE run has no 'cmm')")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(step_dir / engine), tag=ENGINE_TAG))
+
+
+def read_mae_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The MAE's weights (encoder + decoder) from any of:
+    - a clmae checkpoint directory (a `step_*` dir or a run directory): consolidated from its ZeRO
+      shards with DeepSpeed's own tool, any stage, any number of ranks, on CPU;
+    - a `.safetensors` file;
+    - a `.pth`/`.pt` file such as facebookresearch/mae's (`{"model": state_dict}`), read with
+      `weights_only=True` (its `args` namespace is the only non-tensor object allowed).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return consolidated_state_dict(path, "mae")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    import argparse
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise CheckpointError(f"{path}: not a weights-only checkpoint ({type(err).__name__}: {err})") from err
+    state = data.get("model", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict or {{'model': state_dict}}")
+    return state
+
+
+def load_mae_weights(mae: torch.nn.Module, source: str | os.PathLike) -> None:
+    """Initialise the MAE (encoder and decoder) from an existing checkpoint, strictly: a missing or
+    unexpected key, or a shape that does not fit, is an error naming them."""
+    state = read_mae_state_dict(source)
+    own = mae.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            example = ", ".join(missing[:3])
+            parts.append(f"missing {len(missing)} keys (e.g. {example}; an encoder-only file cannot start the decoder)")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
+        if mismatched:
+            parts.append(f"shape mismatch: {'; '.join(mismatched[:3])}")
+        raise CheckpointError(
+            f"checkpoint.init_from={source}: does not fit the {type(mae).__name__}: {'; '.join(parts)}"
+        )
+    mae.load_state_dict(state, strict=True)
