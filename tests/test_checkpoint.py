@@ -1,0 +1,131 @@
+"""clmae.checkpoint in one process: finding the newest whole checkpoint, pruning, resume resolution, and
+initialising the MAE from the checkpoint formats users bring (facebookresearch/mae .pth, safetensors)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from clmae.checkpoint import (
+    COMPLETE_MARKER,
+    LATEST_FILE,
+    CheckpointError,
+    capture_rng_state,
+    checkpoint_root,
+    find_latest,
+    load_mae_weights,
+    prune,
+    resolve_resume,
+    restore_rng_state,
+    step_dir_name,
+)
+from clmae.config import load_config
+from clmae.models import build_models
+
+
+def fake_checkpoint(run_dir, step: int, complete: bool = True):
+    path = checkpoint_root(run_dir) / step_dir_name(step)
+    path.mkdir(parents=True)
+    if complete:
+        (path / "client_state.json").write_text(json.dumps({"global_step": step}))
+        (path / COMPLETE_MARKER).write_text("")
+    return path
+
+
+def test_latest_skips_interrupted_saves_and_a_stale_pointer(tmp_path):
+    assert find_latest(tmp_path) is None
+    fake_checkpoint(tmp_path, 10)
+    fake_checkpoint(tmp_path, 20)
+    fake_checkpoint(tmp_path, 30, complete=False)  # killed during its save
+    assert find_latest(tmp_path).name == step_dir_name(20)
+    (checkpoint_root(tmp_path) / LATEST_FILE).write_text(step_dir_name(30))  # a pointer at a partial save
+    assert find_latest(tmp_path).name == step_dir_name(20)
+    (checkpoint_root(tmp_path) / LATEST_FILE).write_text(step_dir_name(10))
+    assert find_latest(tmp_path).name == step_dir_name(10)  # the pointer wins when it is whole
+
+
+def test_prune_keeps_the_newest_and_saves_in_progress(tmp_path):
+    for step in (1, 2, 3, 4):
+        fake_checkpoint(tmp_path, step)
+    fake_checkpoint(tmp_path, 5, complete=False)  # newer than every whole one: maybe still being written
+    fake_checkpoint(tmp_path, 0, complete=False)  # an old interrupted save
+    prune(checkpoint_root(tmp_path), keep_last=2)
+    left = sorted(p.name for p in checkpoint_root(tmp_path).iterdir())
+    assert left == [step_dir_name(3), step_dir_name(4), step_dir_name(5)]
+
+
+def test_resume_modes(tmp_path):
+    cfg = load_config("tiny_digits")
+    fake_checkpoint(tmp_path, 7)
+    assert resolve_resume(cfg, tmp_path).name == step_dir_name(7)
+    assert resolve_resume(load_config("tiny_digits", ["checkpoint.resume=none"]), tmp_path) is None
+    explicit = load_config("tiny_digits", [f"checkpoint.resume={tmp_path}"])  # a run directory
+    assert resolve_resume(explicit, tmp_path / "elsewhere").name == step_dir_name(7)
+    partial = fake_checkpoint(tmp_path, 8, complete=False)
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        resolve_resume(load_config("tiny_digits", [f"checkpoint.resume={partial}"]), tmp_path)
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        resolve_resume(load_config("tiny_digits", [f"checkpoint.resume={tmp_path / 'nope'}"]), tmp_path)
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.save(capture_rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+@pytest.fixture
+def trained_mae():
+    torch.manual_seed(3)
+    mae, _ = build_models(load_config("tiny_digits"))
+    return mae
+
+
+def test_init_from_an_official_style_mae_pth(tmp_path, trained_mae):
+    # facebookresearch/mae saves {"model": ..., "args": Namespace, "epoch": ...}.
+    path = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": trained_mae.state_dict(), "args": argparse.Namespace(lr=1e-3), "epoch": 799}, path)
+    fresh, _ = build_models(load_config("tiny_digits"))
+    load_mae_weights(fresh, path)
+    assert all(
+        torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained_mae.state_dict().values(), strict=True)
+    )
+
+
+def test_init_from_safetensors(tmp_path, trained_mae):
+    path = tmp_path / "mae.safetensors"
+    save_file({k: v.contiguous() for k, v in trained_mae.state_dict().items()}, path)
+    fresh, _ = build_models(load_config("tiny_digits"))
+    load_mae_weights(fresh, path)
+    assert torch.equal(fresh.decoder_pred.weight, trained_mae.decoder_pred.weight)
+
+
+def test_init_from_refuses_what_does_not_fit(tmp_path, trained_mae):
+    fresh, _ = build_models(load_config("tiny_digits"))
+    encoder_only = tmp_path / "encoder.pth"
+    torch.save({"model": trained_mae.encoder_state_dict()}, encoder_only)
+    with pytest.raises(CheckpointError, match="an encoder-only file cannot start the decoder"):
+        load_mae_weights(fresh, encoder_only)
+    other_size, _ = build_models(load_config("tiny_digits", ["model.img_size=48"]))
+    resized = tmp_path / "resized.pth"
+    torch.save(other_size.state_dict(), resized)
+    with pytest.raises(CheckpointError, match=r"shape mismatch: pos_embed \(1, 145, 128\) vs \(1, 65, 128\)"):
+        load_mae_weights(fresh, resized)
+    pickled = tmp_path / "pickled.pth"
+    torch.save(
+        {"model": trained_mae.state_dict(), "optimizer": torch.optim.SGD(trained_mae.parameters(), lr=1)}, pickled
+    )
+    with pytest.raises(CheckpointError, match="not a weights-only checkpoint"):
+        load_mae_weights(fresh, pickled)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        load_mae_weights(fresh, tmp_path / "absent.pth")
