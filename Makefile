@@ -75,7 +75,7 @@ $(STAMPS)/deepspeed-ops: $(STAMPS)/packages
 
 lint: setup
 	$(BIN)/ruff check .
-	@if ls slurm/*.sh >/dev/null 2>&1; then shellcheck slurm/*.sh; fi
+	shellcheck -x slurm/*.sh slurm/lib/*.sh
 
 test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

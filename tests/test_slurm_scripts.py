@@ -1,0 +1,200 @@
+"""The real slurm/ scripts on a real single-node SLURM cluster (2 tasks on CPU, the tiny model, digits).
+
+The reference is one job that runs to the end of its epoch. An early USR1 to the batch shell, a time
+limit, and a chain of jobs without requeue must each end with bitwise the same weights, in one MLflow
+run. Each job pays about 25 s of start-up (imports, FFCV compilation, MLflow), so runs are short.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from clmae.checkpoint import consolidated_state_dict, find_latest, read_client_state
+from tests.data_fixtures import make_imagenet
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS_PER_EPOCH = 749 // 64  # ceil(1497 digits / 2 ranks) images per rank, 64 per batch
+EPOCHS = 1
+SBATCH_FOR_CPU = ("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=6G")
+
+pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
+
+
+def job_env(cluster, digits: Path, output_dir: Path, run_name: str, **extra: str) -> dict[str, str]:
+    overrides = [
+        "data.batch_size=64",
+        f"train.epochs={EPOCHS}",
+        "train.log_every=1",
+        "checkpoint.every_steps=4",
+        "tracking.system_metrics=false",
+        "tracking.mask_images_every_epochs=0",
+    ]
+    env = dict(cluster.env)
+    env.update(
+        CLMAE_ROOT=str(REPO),
+        PYTHON=sys.executable,
+        CONFIG="tiny_digits",
+        DATA_DIR=str(digits),
+        OUTPUT_DIR=str(output_dir),
+        RUN_NAME=run_name,
+        DS_CONFIG="zero2_fp32",
+        OVERRIDES=" ".join(overrides),
+        OMP_NUM_THREADS="1",
+        EARLY_SIGNAL_DELAY="5",
+    )
+    env.update(extra)
+    return env
+
+
+def submit(cluster, script: str, env: dict[str, str], log_dir: Path, *options: str) -> int:
+    return cluster.sbatch(
+        REPO / "slurm" / script, *SBATCH_FOR_CPU, f"--output={log_dir}/%x-%j.out", *options, env=env, cwd=REPO
+    )
+
+
+def job_log(log_dir: Path, job_id: int) -> str:
+    return "".join(p.read_text() for p in log_dir.glob(f"*-{job_id}.out"))
+
+
+def wait_for_log(cluster, log_dir: Path, job_id: int, text: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in job_log(log_dir, job_id):
+        state = cluster.job_info(job_id)["JobState"]
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            pytest.fail(f"job {job_id} ended ({state}) before {text!r}:\n{job_log(log_dir, job_id)[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {text!r} in job {job_id}'s log after {timeout} s:\n{job_log(log_dir, job_id)[-3000:]}")
+        time.sleep(0.5)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = find_latest(run_dir)
+    return {f"{e}.{k}": v for e in ("mae", "cmm") for k, v in consolidated_state_dict(latest, e).items()}
+
+
+def mlflow_runs(run_dir: Path) -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def assert_finished_like(run_dir: Path, reference: Path) -> None:
+    state = read_client_state(find_latest(run_dir))
+    assert (state.epoch, state.global_step) == (EPOCHS, EPOCHS * STEPS_PER_EPOCH)
+    runs = mlflow_runs(run_dir)
+    assert len(runs) == 1 and runs[0].info.run_id == state.mlflow_run_id and runs[0].info.status == "FINISHED"
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(state.mlflow_run_id, "mae/loss")]
+    assert sorted(steps) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    got, want = weights(run_dir), weights(reference)
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+
+
+@pytest.fixture(scope="module")
+def completed_run(slurm_cluster, digits, tmp_path_factory):
+    """slurm/pretrain_vith.sh, uninterrupted, to the end of its epochs."""
+    work = tmp_path_factory.mktemp("slurm_complete")
+    env = job_env(slurm_cluster, digits, work, "complete")
+    job = submit(slurm_cluster, "pretrain_vith.sh", env, work, "--time=20")
+    info = slurm_cluster.wait(job, timeout=900)
+    return work / "complete", job, info, job_log(work, job)
+
+
+def test_job_runs_to_completion_with_checkpoint_and_mlflow_run(completed_run):
+    run_dir, _, info, log = completed_run
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log[-3000:]
+    assert "training finished" in log and "requeueing" not in log
+    assert find_latest(run_dir) is not None
+    assert len(mlflow_runs(run_dir)) == 1
+
+
+def test_usr1_to_the_batch_shell_checkpoints_requeues_and_resumes(completed_run, slurm_cluster, digits, tmp_path):
+    env = job_env(slurm_cluster, digits, tmp_path, "usr1")
+    job = submit(slurm_cluster, "pretrain_vitb.sh", env, tmp_path, "--time=20")
+    wait_for_log(slurm_cluster, tmp_path, job, "step 2 (epoch 0)")
+    slurm_cluster.scancel("--signal=USR1", "--batch", job)
+    info = slurm_cluster.wait(job, timeout=900)
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
+    assert "checkpoint (preemption signal)" in log and "checkpoint written; requeueing" in log
+    assert "[slurm job" in log and "restart 1]" in log and "resumed from" in log
+    assert_finished_like(tmp_path / "usr1", completed_run[0])
+
+
+def test_time_limit_checkpoints_requeues_and_resumes(completed_run, slurm_cluster, digits, tmp_path):
+    # SLURM sends USR1 110 s before a 2-minute limit, so before the first training step (start-up takes
+    # about 25 s): the tasks checkpoint after their first step, well inside the limit. Once the job has been
+    # requeued (the behaviour under test), its limit is raised so that the second run can finish.
+    env = job_env(slurm_cluster, digits, tmp_path, "timelimit")
+    job = submit(slurm_cluster, "pretrain_vitl.sh", env, tmp_path, "--time=2", "--signal=B:USR1@110")
+    deadline = time.monotonic() + 600
+    while slurm_cluster.job_info(job)["Restarts"] == "0":
+        assert slurm_cluster.job_info(job)["JobState"] not in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED")
+        assert time.monotonic() < deadline, job_log(tmp_path, job)[-3000:]
+        time.sleep(1)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=20"], env=slurm_cluster.env, check=True)
+    info = slurm_cluster.wait(job, timeout=900)
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert "signal received" in log  # usually before the first step; SLURM's limit check may be later
+    assert "checkpoint written; requeueing" in log and "resumed from" in log
+    assert_finished_like(tmp_path / "timelimit", completed_run[0])
+
+
+def test_chain_jobs_resume_one_another(completed_run, slurm_cluster, digits, tmp_path):
+    env = job_env(slurm_cluster, digits, tmp_path, "chain")
+    options = [*SBATCH_FOR_CPU, "--time=20", f"--output={tmp_path}/%x-%j.out"]
+    chain = subprocess.run(
+        [str(REPO / "slurm" / "submit_chain.sh"), "3", str(REPO / "slurm" / "pretrain_vitb.sh"), *options],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    jobs = [int(line) for line in chain.stdout.split()]
+    assert len(jobs) == 3
+    assert f"afterany:{jobs[0]}" in slurm_cluster.job_info(jobs[1])["Dependency"]
+    wait_for_log(slurm_cluster, tmp_path, jobs[0], "step 2 (epoch 0)")
+    slurm_cluster.scancel("--signal=USR1", "--batch", jobs[0])
+    infos = [slurm_cluster.wait(job, timeout=900) for job in jobs]
+    logs = [job_log(tmp_path, job) for job in jobs]
+    assert [(i["JobState"], i["ExitCode"], i["Restarts"]) for i in infos] == [("COMPLETED", "0:0", "0")] * 3, logs
+    assert "not requeueing (REQUEUE=0)" in logs[0]
+    assert "resumed from" in logs[1] and "training finished" in logs[1]
+    assert "nothing to do: the run already finished" in logs[2]
+    assert_finished_like(tmp_path / "chain", completed_run[0])
+
+
+def test_submit_chain_rejects_bad_arguments(tmp_path):
+    for args in (["0", "slurm/pretrain_vitb.sh"], ["two", "slurm/pretrain_vitb.sh"], ["2", str(tmp_path / "nope.sh")]):
+        result = subprocess.run(
+            [str(REPO / "slurm" / "submit_chain.sh"), *args], cwd=REPO, capture_output=True, text=True, env=os.environ
+        )
+        assert result.returncode == 2 and result.stderr.strip(), (args, result.stderr)
+
+
+def test_convert_imagenet_job_writes_and_verifies(slurm_cluster, tmp_path):
+    expected = make_imagenet(tmp_path / "raw", kaggle=False)
+    env = dict(slurm_cluster.env, CLMAE_ROOT=str(REPO), PYTHON=sys.executable)
+    env.update(IMAGENET_ROOT=str(tmp_path / "raw"), OUT_DIR=str(tmp_path / "out"), PREP_ARGS="--write-mode raw")
+    job = slurm_cluster.sbatch(
+        REPO / "slurm" / "convert_imagenet.sh",
+        "--cpus-per-task=1",
+        "--mem=2G",
+        f"--output={tmp_path}/%x-%j.out",
+        env=env,
+        cwd=REPO,
+    )
+    info = slurm_cluster.wait(job, timeout=300)
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"train.beton", "val.beton", "classes.json"}
+    assert f"wrote {len(expected['train'])} images" in log and "done:" in log
