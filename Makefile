@@ -80,8 +80,11 @@ lint: setup
 test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The main job on the embedded default: digits -> CL-MAE pre-training on 2 CPU ranks -> export ->
+# few-shot probes and k-NN -> mask pictures -> summary. DEMO_ARGS go to pre-training (section.key=value).
+DEMO_ARGS ?=
 demo: setup
-	$(BIN)/clmae-pretrain --help
+	$(BIN)/python -m clmae.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,9 +1,21 @@
-"""`clmae-viz`: pictures of the curriculum masking module's masks."""
+"""`clmae-viz`: pictures of the curriculum masking module's masks (paper figures 2-4).
+
+    clmae-viz masks runs/tiny_digits --images a.png b.jpg --out masks.png
+    clmae-viz masks runs/tiny_digits --from-val 8 --out masks.png
+    clmae-viz masks --over-training runs/tiny_digits --from-val 8 --out over_training.png
+
+One column per image; rows: the image, the image with the hidden patches grey, the reconstruction (visible
+patches pasted back), the masking module's keep scores m (white = keep). Over training: one such band per
+saved checkpoint, oldest first, each under a label with its step and epoch. Image files are resized (shorter
+side) and centre-cropped to the model's size; `--from-val N` takes the first N images of the run's validation
+.beton instead. Plain-MAE runs draw random masks (seeded by run.seed).
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -66,21 +78,142 @@ def _normalised_grey(mean, std, like: Tensor) -> Tensor:
     return grey.to(like).repeat(like.shape[-1] // 3)
 
 
+def load_image_files(paths: list[str], size: int) -> Tensor:
+    """Image files -> (N, 3, size, size), normalised: shorter side resized to `size` (bicubic), centre crop."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from clmae.errors import ClmaeError
+
+    images = []
+    for name in paths:
+        try:
+            with Image.open(name) as opened:
+                image = ImageOps.exif_transpose(opened).convert("RGB")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--images: {name} does not exist") from None
+        except (UnidentifiedImageError, OSError) as err:
+            raise ClmaeError(f"--images: {name} is not a readable image ({err})") from None
+        image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
+        images.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (torch.stack(images) - mean) / std
+
+
+def first_val_images(cfg, count: int) -> Tensor:
+    """The first `count` images of `data.val_path`, as validation sees them: (count, 3, H, W)."""
+    from clmae.data import build_eval_loader
+    from clmae.dist import DistEnv
+
+    loader = build_eval_loader(cfg, DistEnv.single(), "cpu")
+    batches = loader.iterate_epoch(0)
+    collected, total = [], 0
+    for images, _ in batches:
+        collected.append(images.clone())  # a view into FFCV's ring of buffers otherwise
+        total += images.shape[0]
+        if total >= count:
+            break
+    batches.close()
+    return torch.cat(collected)[:count]
+
+
+def load_models(step_dir: Path, cfg):
+    """The MAE and (for curriculum runs) the CMM of a checkpoint, consolidated to fp32, on CPU."""
+    from clmae.checkpoint import consolidated_state_dict, load_mae_weights
+    from clmae.models import build_models
+
+    mae, cmm = build_models(cfg)
+    load_mae_weights(mae, step_dir)
+    if cmm is not None:
+        cmm.load_state_dict(consolidated_state_dict(step_dir, "cmm"), strict=True)
+    return mae, cmm
+
+
+def render_checkpoint(step_dir: Path, cfg, images: Tensor) -> np.ndarray:
+    mae, cmm = load_models(step_dir, cfg)
+    torch.manual_seed(cfg.run.seed)  # plain MAE's random masks: the same in every band
+    return render_masks(mae, cmm, images, cfg.model.norm_pix_loss)
+
+
+def label_band(picture: np.ndarray, text: str, height: int = 16) -> np.ndarray:
+    """picture (H, W, 3) uint8 with a white strip of `height` px above it carrying `text`."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (picture.shape[1], height), (255, 255, 255))
+    ImageDraw.Draw(strip).text((4, 2), text, fill=(0, 0, 0))
+    return np.concatenate([np.asarray(strip), picture], axis=0)
+
+
+def save_png(picture: np.ndarray, path: Path, overwrite: bool) -> None:
+    from PIL import Image
+
+    if path.suffix.lower() != ".png":
+        raise FileNotFoundError(f"--out {path}: the picture is written as PNG; name it *.png")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(picture).save(tmp)
+    os.replace(tmp, path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clmae-viz", description="Draw the masks of a trained CL-MAE.")
     sub = parser.add_subparsers(dest="what", required=True)
-    masks = sub.add_parser("masks", help="image, masked image and reconstruction for a few images")
-    masks.add_argument("checkpoint", nargs="?", help="a checkpoint directory")
-    masks.add_argument("--images", nargs="+", help="image files")
-    masks.add_argument("--out", help="output PNG")
-    masks.add_argument("--over-training", metavar="RUN_DIR", help="the same images across saved checkpoints")
+    masks = sub.add_parser(
+        "masks",
+        help="image, masked image, reconstruction and keep scores for a few images",
+        description="image, masked image, reconstruction and keep scores for a few images",
+    )
+    masks.add_argument("checkpoint", nargs="?", help="a run directory (newest checkpoint) or a step_* directory")
+    masks.add_argument("--over-training", metavar="RUN_DIR", help="the same images across the run's saved checkpoints")
+    source = masks.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", nargs="+", metavar="IMG", help="image files (any format PIL reads)")
+    source.add_argument("--from-val", type=int, metavar="N", help="the first N images of the run's validation .beton")
+    masks.add_argument("--out", type=Path, required=True, help="output PNG")
+    masks.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return parser
 
 
+def _main(argv: list[str] | None = None) -> int:
+    from clmae.checkpoint import STEP_DIR_PATTERN, CheckpointError, checkpoint_root, is_complete, read_client_state
+    from clmae.export import checkpoint_config, resolve_step_dir
+
+    args = build_parser().parse_args(argv)
+    if (args.checkpoint is None) == (args.over_training is None):
+        raise CheckpointError("give either a CHECKPOINT or --over-training RUN_DIR")
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    if args.over_training is not None:
+        root = checkpoint_root(Path(args.over_training).expanduser())
+        steps = sorted(p for p in root.glob("step_*") if STEP_DIR_PATTERN.match(p.name) and is_complete(p))
+        if not steps:
+            raise CheckpointError(f"{args.over_training}: no complete checkpoints under {root}")
+    else:
+        steps = [resolve_step_dir(args.checkpoint)]
+    cfg = checkpoint_config(steps[-1])
+    if args.from_val is not None:
+        if args.from_val < 1:
+            raise CheckpointError(f"--from-val {args.from_val}: need at least one image")
+        images = first_val_images(cfg, args.from_val)
+    else:
+        from clmae.models import VIT_SPECS
+
+        images = load_image_files(args.images, cfg.model.img_size or VIT_SPECS[cfg.model.name].img_size)
+    bands = []
+    for step_dir in steps:
+        picture = render_checkpoint(step_dir, checkpoint_config(step_dir), images)
+        if args.over_training is not None:
+            state = read_client_state(step_dir)
+            picture = label_band(picture, f"step {state.global_step} (epoch {state.epoch})")
+        bands.append(picture)
+    save_png(np.concatenate(bands, axis=0), args.out, args.overwrite)
+    print(f"wrote {args.out} ({len(steps)} checkpoint(s), {images.shape[0]} image(s))")
+    return 0
+
+
 def main() -> None:
-    build_parser().parse_args()
-    print("clmae-viz: not available yet (issue 7)", file=sys.stderr)
-    sys.exit(2)
+    from clmae.cli import run_main
+
+    run_main(_main)
 
 
 if __name__ == "__main__":

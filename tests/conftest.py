@@ -1,11 +1,25 @@
 """Shared pytest fixtures."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 from tests.slurm_cluster import LocalSlurmCluster, missing_binaries
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri():
+    """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI; a training run started by a later test
+    would inherit it and log to an earlier test's store instead of its own run directory."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
 
 # --------------------------------------------------------------------------------------------------
 # SLURM: one private single-node cluster (own munged, slurmctld, slurmd) for the whole test session.
@@ -42,3 +56,41 @@ def digits(tmp_path_factory):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Pre-trained checkpoints for the evaluation, export and picture tests: real 2-rank runs, started once.
+# --------------------------------------------------------------------------------------------------
+
+# 10 epochs (230 optimiser steps of 2 x 32 images) of the tiny_digits recipe: about the shortest run whose
+# features reliably beat a random encoder's (tests/test_evaluate.py; at 40 or 92 steps they do not).
+PRETRAIN_ZERO2 = ["train.ds_config=zero2_fp32", "train.stop_at_step=230"]
+# ZeRO-3 shards every parameter: a few steps are enough to prove that export consolidates it.
+PRETRAIN_ZERO3 = ["train.ds_config=zero3_fp32", "train.stop_at_step=3"]
+
+
+@pytest.fixture(scope="session")
+def pretrained_runs(tmp_path_factory, digits):
+    """{"zero2": run_dir, "zero3": run_dir}: two CL-MAE runs of clmae-pretrain on 2 torchrun ranks, started
+    together (their imports overlap), each with its checkpoints and MLflow store in its run directory."""
+    import os
+
+    root = tmp_path_factory.mktemp("pretrained")
+    runs, procs = {"zero2": PRETRAIN_ZERO2, "zero3": PRETRAIN_ZERO3}, {}
+    for name, overrides in runs.items():
+        args = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "clmae.train", "--config", "tiny_digits",
+            f"run.output_dir={root}", f"run.name={name}",
+            f"data.train_path={digits / 'train.beton'}", f"data.val_path={digits / 'val.beton'}",
+            "data.batch_size=32", "tracking.system_metrics=false", "tracking.mask_images_every_epochs=0",
+            *overrides,
+        ]  # fmt: skip
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        log = open(root / f"{name}.log", "w")  # closed below, once the process has ended
+        procs[name] = (subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+    for name, (proc, log) in procs.items():
+        code = proc.wait(timeout=600)
+        log.close()
+        assert code == 0, f"pre-training {name} failed:\n{(root / f'{name}.log').read_text()[-3000:]}"
+    return {name: root / name for name in runs}

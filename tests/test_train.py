@@ -64,6 +64,7 @@ class Run:
             env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
             env.pop("CLMAE_FAULT", None)
+            env.pop("MLFLOW_TRACKING_URI", None)  # the store in the run directory, which the checks read
             if fault:
                 env["CLMAE_FAULT"] = fault
             with open(log, "w") as handle:

@@ -1,0 +1,236 @@
+"""clmae-eval: the probe recipe, few-shot subsets, both k-NN protocols on hand-computed examples, the whole
+command line on real checkpoints and digits (results, JSON, MLflow), fine-tuning on 2 ranks, and the errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import save_file
+
+from clmae.eval.features import Features
+from clmae.eval.fewshot import FewShotError, balanced_subset, run_fewshot
+from clmae.eval.knn import cosine_weighted, evaluate_knn, l2_majority
+from clmae.eval.linprobe import accuracy, train_linear_probe
+from clmae.evaluate import DatasetMismatchError, check_classes, parse_args, run
+from clmae.models import build_mae
+
+# --------------------------------------------------------------------------------------------------
+# The protocols on tensors
+# --------------------------------------------------------------------------------------------------
+
+
+def separable_task(num: int, dim: int = 32, classes: int = 5, seed: int = 0):
+    """Features off-centre and scaled (the BatchNorm must absorb that), labelled by a random linear map."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(num, dim, generator=generator) * 3 + 5
+    labels = (features @ torch.randn(dim, classes, generator=generator)).argmax(dim=1)
+    return features, labels
+
+
+def test_linear_probe_recipe_learns_a_linearly_separable_task():
+    features, labels = separable_task(1500)
+    probe = train_linear_probe(features[:1000], labels[:1000], num_classes=5, epochs=300, warmup_epochs=30)
+    result = accuracy(probe, features[1000:], labels[1000:])
+    assert result["top1"] > 95, result
+    # The recipe's parts: BatchNorm without affine, LARS adapting the matrix only.
+    assert not probe[0].affine and probe[0].eps == 1e-6
+
+
+def test_fewshot_subsets_are_class_balanced_seeded_and_nested():
+    labels = torch.arange(10).repeat_interleave(20)[torch.randperm(200, generator=torch.Generator().manual_seed(1))]
+    subset = balanced_subset(labels, shots=4, seed=0, num_classes=10)
+    assert torch.equal(torch.bincount(labels[subset], minlength=10), torch.full((10,), 4))
+    assert torch.equal(subset, balanced_subset(labels, shots=4, seed=0, num_classes=10))
+    assert not torch.equal(subset, balanced_subset(labels, shots=4, seed=1, num_classes=10))
+    assert set(balanced_subset(labels, shots=2, seed=0, num_classes=10).tolist()) <= set(subset.tolist())
+    with pytest.raises(FewShotError, match="fewer than 21 shots"):
+        balanced_subset(labels, shots=21, seed=0, num_classes=10)
+
+
+def test_fewshot_reports_every_seed_and_their_mean_and_std():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).repeat(120)  # 5 classes x 60 training + 60 test images
+    features = torch.randn(5, 32, generator=generator)[labels] + 0.8 * torch.randn(600, 32, generator=generator)
+    results = run_fewshot(
+        features[:300], labels[:300], features[300:], labels[300:], 5, shots=(1, 16), seeds=(0, 1, 2), epochs=100
+    )
+    for shots in (1, 16):
+        runs = [results[f"fewshot_{shots}shot/top1_seed{s}"] for s in (0, 1, 2)]
+        assert results[f"fewshot_{shots}shot/top1_mean"] == pytest.approx(sum(runs) / 3)
+        assert results[f"fewshot_{shots}shot/top1_std"] == pytest.approx(torch.tensor(runs).std().item(), rel=1e-5)
+    assert results["fewshot_16shot/top1_mean"] > results["fewshot_1shot/top1_mean"]
+
+
+def test_knn_l2_majority_by_hand():
+    # 1-D features; test points 0.4, 10.6, 2.9 (labels 1, 2, 0).
+    train = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0], [10.0], [11.0]])
+    train_labels = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    test = torch.tensor([[0.4], [10.6], [2.9]])
+    predictions, neighbours = l2_majority(train, train_labels, test, k=5)
+    # 0.4: neighbours 0, 1, 2, 3, 4 -> labels 0 0 1 1 2: 0 and 1 tie, 0 has the nearest member.
+    # 10.6: 11, 10, 4, 3, 2 -> 2 2 2 1 1: class 2.
+    # 2.9: 3, 2, 4, 1, 0 -> 1 1 2 0 0: 1 and 0 tie, 1 has the nearest member.
+    assert neighbours.tolist() == [[0, 0, 1, 1, 2], [2, 2, 2, 1, 1], [1, 1, 2, 0, 0]]
+    assert predictions.tolist() == [0, 2, 1]
+
+    both = Features(cls=test, patch_mean=test, labels=torch.tensor([1, 2, 0]))
+    results = evaluate_knn(Features(cls=train, patch_mean=train, labels=train_labels), both, num_classes=3)
+    assert results["knn_l2_k5/acc1"] == pytest.approx(100 / 3)  # only 10.6 is right
+    assert results["knn_l2_k5/any_of_5"] == pytest.approx(100.0)  # every label is among the 5
+
+
+def test_knn_weighted_cosine_by_hand():
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    train_labels = torch.tensor([0, 1, 1])
+    test = torch.tensor([[2.0, 0.0]])  # cosine 1, 0, 1/sqrt(2) to the three training points
+    scores = cosine_weighted(train, train_labels, test, num_classes=3, k=2, temperature=0.5)
+    # k=2: the first and the third vote, with exp(1 / 0.5) and exp(0.7071 / 0.5).
+    expected = torch.tensor([[math.exp(2.0), math.exp(2**-0.5 / 0.5), 0.0]])
+    torch.testing.assert_close(scores, expected)
+    # Defaults (k=20 > 3 points, T=0.07): all three vote.
+    scores = cosine_weighted(train, train_labels, test, num_classes=3)
+    expected = torch.tensor([[math.exp(1 / 0.07), math.exp(0.0) + math.exp(2**-0.5 / 0.07), 0.0]])
+    torch.testing.assert_close(scores, expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data checks
+# --------------------------------------------------------------------------------------------------
+
+
+def copy_beton(source, folder, classes: dict | None):
+    folder.mkdir()
+    shutil.copy(source, folder / source.name)
+    if classes is not None:
+        (folder / "classes.json").write_text(json.dumps(classes))
+    return folder / source.name
+
+
+def test_classes_must_match_between_train_and_val(digits, tmp_path):
+    assert check_classes(str(digits / "train.beton"), str(digits / "val.beton")) == 10
+    three = {str(i): {"index": i, "name": str(i)} for i in range(3)}
+    other_list = copy_beton(digits / "val.beton", tmp_path / "other", three)
+    with pytest.raises(DatasetMismatchError, match="different class lists"):
+        check_classes(str(digits / "train.beton"), str(other_list))
+    short_train = copy_beton(digits / "train.beton", tmp_path / "short", three)
+    short_val = copy_beton(digits / "val.beton", tmp_path / "short_val", three)
+    with pytest.raises(DatasetMismatchError, match=r"labels 0\.\.9 are outside the 3 classes"):
+        check_classes(str(short_train), str(short_val))
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line on real checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def clmae_eval(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "clmae.evaluate", *args], capture_output=True, text=True, timeout=600
+    )
+    return result
+
+
+@pytest.mark.distributed
+def test_eval_on_digits_pretrained_beats_random_init(pretrained_runs, digits, tmp_path):
+    run_dir = pretrained_runs["zero2"]
+    knn = clmae_eval("knn", str(run_dir))
+    assert knn.returncode == 0, knn.stderr[-3000:]
+    assert "knn_l2_k5/acc1" in knn.stdout and "knn_cosine_k20/top1" in knn.stdout
+    linprobe = clmae_eval("linprobe", str(run_dir))
+    assert linprobe.returncode == 0, linprobe.stderr[-3000:]
+    assert linprobe.stdout.count("cached in") == 2  # k-NN's features, not a second forward pass
+    eval_dir = run_dir / "eval" / "step_000000230"
+    pretrained = {p: json.loads((eval_dir / f"{p}.json").read_text()) for p in ("knn", "linprobe")}
+
+    # The same encoder before training (the run's own initialisation: seed 0), as an exported file.
+    torch.manual_seed(0)
+    random_file = tmp_path / "random_init.safetensors"
+    save_file(build_mae("vit_tiny").encoder_state_dict(), random_file)
+    data = [f"data.train_path={digits / 'train.beton'}", f"data.val_path={digits / 'val.beton'}"]
+    random = {}
+    for protocol in ("knn", "linprobe"):
+        out = tmp_path / f"random_{protocol}.json"
+        result = clmae_eval(protocol, str(random_file), "--config", "tiny_digits", *data, "--out", str(out))
+        assert result.returncode == 0, result.stderr[-3000:]
+        random[protocol] = json.loads(out.read_text())
+
+    probe, probe_random = pretrained["linprobe"]["results"], random["linprobe"]["results"]
+    knn_l2, knn_l2_random = pretrained["knn"]["results"], random["knn"]["results"]
+    print(f"linear probe top-1: pretrained {probe['linprobe/top1']:.2f}, random {probe_random['linprobe/top1']:.2f}")
+    print(f"k-NN L2 acc@1: pretrained {knn_l2['knn_l2_k5/acc1']:.2f}, random {knn_l2_random['knn_l2_k5/acc1']:.2f}")
+    assert probe["linprobe/top1"] > probe_random["linprobe/top1"]
+    assert knn_l2["knn_l2_k5/acc1"] > knn_l2_random["knn_l2_k5/acc1"]
+
+    # MLflow: two new runs in the pre-training run's experiment and store, linked to it.
+    pretrain_run_id = pretrained["knn"]["pretrain_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    pretrain = client.get_run(pretrain_run_id)
+    runs = client.search_runs([pretrain.info.experiment_id], "tags.`clmae.pretrain_run_id` != ''")
+    by_protocol = {r.data.tags["clmae.protocol"]: r for r in runs}
+    assert set(by_protocol) == {"knn", "linprobe"}
+    for protocol, mlflow_run in by_protocol.items():
+        assert mlflow_run.data.tags["clmae.pretrain_run_id"] == pretrain_run_id
+        assert mlflow_run.info.run_id == pretrained[protocol]["mlflow_run_id"]
+    assert by_protocol["linprobe"].data.metrics["linprobe/top1"] == pytest.approx(probe["linprobe/top1"])
+
+
+@pytest.mark.distributed
+def test_fewshot_refuses_evaluation_images_among_labelled_ones(pretrained_runs, digits):
+    args = parse_args(
+        ["fewshot", str(pretrained_runs["zero3"]), "--epochs", "5", f"data.val_path={digits / 'train.beton'}"]
+    )
+    with pytest.raises(DatasetMismatchError, match="evaluation images could be among the labelled ones"):
+        run(args)
+
+
+@pytest.mark.distributed
+def test_finetune_on_two_ranks(pretrained_runs, tmp_path):
+    out = tmp_path / "finetune.json"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["finetune", str(pretrained_runs["zero2"]), "--epochs", "1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*launch, "-m", "clmae.evaluate", *args], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["layer_decay"] == 0.65 and report["settings"]["mixup"] == 0.8
+    # One epoch (23 steps) of the whole recipe runs through on both ranks; it is too short to learn past
+    # chance under mixup + cutmix + RandAugment, so only the evaluation's sanity is checked here.
+    results = report["results"]
+    assert 0 <= results["finetune/top1"] <= results["finetune/top5"] <= 100, results
+    assert results["finetune/best_top1"] == results["finetune/top1"]
+    assert "fine-tune epoch 0: train loss" in result.stdout
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("missing", "no such checkpoint"),
+        ("model", "does not fit timm's vit_base_patch16_224"),
+        ("classes", "different class lists"),
+    ],
+)
+def test_cli_errors_are_one_line_with_exit_code_2(pretrained_runs, digits, tmp_path, case, words):
+    run_dir = str(pretrained_runs["zero3"])
+    if case == "missing":
+        args = ["knn", str(tmp_path / "no_such_run")]
+    elif case == "model":
+        args = ["knn", run_dir, "model.name=vit_base_patch16"]
+    else:
+        three = {str(i): {"index": i, "name": str(i)} for i in range(3)}
+        args = ["knn", run_dir, f"data.val_path={copy_beton(digits / 'val.beton', tmp_path / 'v', three)}"]
+    result = clmae_eval(*args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and words in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,101 @@
+"""clmae-export: ZeRO-2 and ZeRO-3 checkpoints of 2 real ranks -> timm state dicts that load strict and give
+the training-time encoder's features; the printed snippet runs as printed; files are never overwritten."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from clmae.checkpoint import consolidated_state_dict, find_latest, load_mae_weights, read_client_state
+from clmae.config import build_config
+from clmae.export import _main as export_main
+from clmae.export import load_encoder
+from clmae.models import build_models, timm_encoder_kwargs
+
+pytestmark = pytest.mark.distributed
+
+
+def training_time_models(run_dir):
+    """The run's MAE and CMM as training built them, with the checkpoint's consolidated weights."""
+    step_dir = find_latest(run_dir)
+    cfg = build_config(read_client_state(step_dir).config)
+    mae, cmm = build_models(cfg)
+    load_mae_weights(mae, step_dir)
+    cmm.load_state_dict(consolidated_state_dict(step_dir, "cmm"), strict=True)
+    return mae.eval(), cmm
+
+
+@pytest.mark.parametrize(("stage", "suffix"), [("zero2", ".safetensors"), ("zero3", ".pth")])
+def test_export_loads_strict_into_timm_with_training_features(pretrained_runs, tmp_path, stage, suffix):
+    out = tmp_path / f"encoder{suffix}"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert export_main([str(pretrained_runs[stage]), "--out", str(out)]) == 0
+    text = printed.getvalue()
+    assert "timm model: vit_tiny_patch16_224" in text
+
+    # The snippet the user is told to paste, run as printed: it loads strict=True and runs a forward.
+    snippet = text[text.index("import timm") :]
+    namespace: dict = {}
+    exec(snippet, namespace)
+    exported = namespace["model"].eval()
+    assert namespace["features"].shape == (1, 128)
+
+    mae, _ = training_time_models(pretrained_runs[stage])
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = mae.forward_encoder(mae.embed_patches(images))  # (4, 1 + 64, 128), all patches visible
+        got = exported.forward_features(images)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_all_writes_mae_and_cmm(pretrained_runs, tmp_path):
+    out = tmp_path / "clmae.safetensors"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert export_main([str(pretrained_runs["zero2"]), "--out", str(out), "--what", "all"]) == 0
+    mae, cmm = training_time_models(pretrained_runs["zero2"])
+
+    encoder = timm.create_model(**timm_encoder_kwargs("vit_tiny"))
+    encoder.load_state_dict(load_file(out), strict=True)
+    # The full MAE file is what checkpoint.init_from reads; the CMM file loads strict into the module.
+    fresh_mae, fresh_cmm = build_models(build_config(read_client_state(find_latest(pretrained_runs["zero2"])).config))
+    load_mae_weights(fresh_mae, tmp_path / "clmae_mae.safetensors")
+    fresh_cmm.load_state_dict(load_file(tmp_path / "clmae_cmm.safetensors"), strict=True)
+    for key, value in mae.state_dict().items():
+        torch.testing.assert_close(fresh_mae.state_dict()[key], value, rtol=0, atol=0)
+    for key, value in cmm.state_dict().items():
+        torch.testing.assert_close(fresh_cmm.state_dict()[key], value, rtol=0, atol=0)
+
+    # An exported file is a checkpoint too: evaluation reads its architecture and provenance back.
+    source = load_encoder(out)
+    assert (source.model_name, source.img_size) == ("vit_tiny", 32)
+    assert source.pretrain_run_id == read_client_state(find_latest(pretrained_runs["zero2"])).mlflow_run_id
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clmae.export", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_export_refuses_to_overwrite_and_missing_checkpoints(pretrained_runs, tmp_path):
+    existing = tmp_path / "encoder.safetensors"
+    existing.write_bytes(b"keep me")
+    refused = run_cli(str(pretrained_runs["zero2"]), "--out", str(existing))
+    missing = run_cli(str(tmp_path / "no_such_run"), "--out", str(tmp_path / "x.pth"))
+    not_a_checkpoint = run_cli(str(tmp_path), "--out", str(tmp_path / "y.pth"))
+    for result, words in [
+        (refused, "exists; pass --overwrite"),
+        (missing, "no such checkpoint"),
+        (not_a_checkpoint, "not a clmae checkpoint"),
+    ]:
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr
+    assert existing.read_bytes() == b"keep me"
+    assert not (tmp_path / "x.pth").exists() and not (tmp_path / "y.pth").exists()
