@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -340,7 +341,7 @@ def feature_protocol(protocol: str, train, val, num_classes: int, settings: dict
 def format_table(protocol: str, results: dict[str, float]) -> str:
     """Results as aligned `metric  value` lines; few-shot as one `shots  mean +- std` line per shot count."""
     if protocol == "fewshot":
-        shots = sorted({int(k.split("_")[1].removesuffix("shot")) for k in results})
+        shots = sorted({int(re.match(r"fewshot_(\d+)shot/", key).group(1)) for key in results})
         rows = [("shots", "top-1 % (mean +- std)")]
         rows += [
             (str(n), f"{results[f'fewshot_{n}shot/top1_mean']:.2f} +- {results[f'fewshot_{n}shot/top1_std']:.2f}")

@@ -234,3 +234,16 @@ def test_cli_errors_are_one_line_with_exit_code_2(pretrained_runs, digits, tmp_p
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and words in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+def test_fewshot_table_lists_each_shot_count_in_order():
+    from clmae.evaluate import format_table
+
+    results = {
+        "fewshot_16shot/top1_seed0": 61.0,
+        "fewshot_16shot/top1_mean": 60.0,
+        "fewshot_16shot/top1_std": 1.5,
+        "fewshot_2shot/top1_mean": 30.25,
+        "fewshot_2shot/top1_std": 2.0,
+    }
+    assert format_table("fewshot", results).splitlines()[1:] == ["2      30.25 +- 2.00", "16     60.00 +- 1.50"]
