@@ -281,13 +281,18 @@ def load_config(name_or_path: str | os.PathLike | None = None, overrides: typing
     data = read_yaml(CONFIG_DIR / f"{DEFAULTS_NAME}.yaml")
     if name_or_path is not None:
         data = deep_merge(data, read_yaml(resolve_config_path(name_or_path)))
+    return build_config(apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """`section.key=value` items merged over a config dict, in order (validation is build_config's)."""
     for item in overrides:
         keys, value = parse_override(item)
         update: dict[str, Any] = {keys[-1]: value}
         for key in reversed(keys[:-1]):
             update = {key: update}
         data = deep_merge(data, update)
-    return build_config(data)
+    return data
 
 
 def build_config(data: dict[str, Any]) -> Config:

@@ -363,18 +363,7 @@ def build_pretrain_loader(
     decoder = SeededRandomResizedCrop(
         (size, size), scale=cfg.data.crop_scale, ratio=CROP_ASPECT_RATIO, flip_prob=0.5, seed=cfg.run.seed
     )
-    return EpochLoader(
-        _existing(cfg.data.train_path, "data.train_path"),
-        decoder,
-        device=device,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        os_cache=cfg.data.os_cache,
-        seed=cfg.run.seed,
-        rank=env.rank,
-        world_size=env.world_size,
-        shuffle=True,
-    )
+    return _loader(cfg, env, _existing(cfg.data.train_path, "data.train_path"), decoder, device, shuffle=True)
 
 
 def build_eval_loader(
@@ -389,8 +378,13 @@ def build_eval_loader(
     size = img_size or _model_image_size(cfg)
     source = path or cfg.data.val_path
     decoder = CenterCropRGBImageDecoder((size, size), ratio=cfg.data.eval_crop_ratio)
+    data_file = _existing(source, "data.val_path" if path is None else "evaluation data")
+    return _loader(cfg, env, data_file, decoder, device, shuffle=False)
+
+
+def _loader(cfg: Config, env: DistEnv, path: Path, decoder, device, shuffle: bool) -> EpochLoader:
     return EpochLoader(
-        _existing(source, "data.val_path" if path is None else "evaluation data"),
+        path,
         decoder,
         device=device,
         batch_size=cfg.data.batch_size,
@@ -399,5 +393,5 @@ def build_eval_loader(
         seed=cfg.run.seed,
         rank=env.rank,
         world_size=env.world_size,
-        shuffle=False,
+        shuffle=shuffle,
     )

@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve_config(source, config_name: str | None, overrides: list[str]):
     """defaults < the encoder's architecture < the checkpoint's config < --config < overrides; then the
     encoder must fit the model the result names."""
-    from clmae.config import CONFIG_DIR, DEFAULTS_NAME, build_config, deep_merge, parse_override, read_yaml
+    from clmae.config import CONFIG_DIR, DEFAULTS_NAME, apply_overrides, build_config, deep_merge, read_yaml
     from clmae.config import resolve_config_path as resolve_path
     from clmae.export import check_fits_timm
     from clmae.models import timm_encoder_kwargs
@@ -126,13 +126,7 @@ def resolve_config(source, config_name: str | None, overrides: list[str]):
         data = deep_merge(data, source.config.to_dict())
     if config_name is not None:
         data = deep_merge(data, read_yaml(resolve_path(config_name)))
-    for item in overrides:
-        keys, value = parse_override(item)
-        update: dict[str, Any] = {keys[-1]: value}
-        for key in reversed(keys[:-1]):
-            update = {key: update}
-        data = deep_merge(data, update)
-    cfg = build_config(data)
+    cfg = build_config(apply_overrides(data, overrides))
     from clmae.models import VIT_SPECS
 
     img_size = cfg.model.img_size or VIT_SPECS[cfg.model.name].img_size
