@@ -79,7 +79,7 @@ def train(cfg) -> int:
     from clmae.engine import build_engines
     from clmae.method import cmm_step, iteration_flops, mae_step
     from clmae.models import build_models
-    from clmae.tracking import Tracker
+    from clmae.tracking import Tracker, redact_uri
     from clmae.viz import render_masks
 
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_minutes)
@@ -133,7 +133,7 @@ def train(cfg) -> int:
             f"{cfg.model.name} ({cfg.masking.mode} masking), {env.world_size} ranks ({env.launcher}, {env.backend}), "
             f"global batch {engines.global_batch}, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, "
             f"run directory {run_dir.resolve()}, "
-            + (f"MLflow {_safe_uri(tracker.uri)} run {tracker.run_id}" if tracker.active else "MLflow off")
+            + (f"MLflow {redact_uri(tracker.uri)} run {tracker.run_id}" if tracker.active else "MLflow off")
         )
         val_images = None
         if cfg.tracking.mask_images_every_epochs:
@@ -351,12 +351,6 @@ def _format_report(step: int, epoch: int, report: dict[str, float]) -> str:
     if "perf/mae_mfu" in report:
         parts.append(f"MFU {100 * report['perf/mae_mfu']:.1f}%")
     return " | ".join(parts)
-
-
-def _safe_uri(uri: str) -> str:
-    from clmae.tracking import redact_uri
-
-    return redact_uri(uri)
 
 
 def _write_json(path: Path, data: dict) -> Path:
