@@ -1,6 +1,7 @@
 """Images/s of the FFCV pre-training loader against the plain PyTorch loader a user would otherwise write.
 
-Both read the same generated JPEG set (ImageNet-like sizes, 300-500 px a side) with the same augmentation
+Both read the same generated JPEG set (224 x 224 px by default, as ImageNet images are commonly stored
+pre-resized; `--side-range 300 500` for full-size ImageNet-like images) with the same augmentation
 (RandomResizedCrop to 224, scale (0.2, 1.0); horizontal flip; ImageNet normalisation to float32 NCHW),
 the same batch size and the same number of workers, in one run:
 
@@ -30,15 +31,16 @@ IMG_SIZE = 224
 NUM_CLASSES = 10
 
 
-def generate_jpegs(root: Path, count: int, seed: int = 0) -> Path:
-    """`count` JPEGs in NUM_CLASSES class folders: smooth colour fields with sensor-like noise, 300-500 px a
-    side, quality 90 (about 0.5 bytes per pixel, near ImageNet's density). Skipped when already there."""
-    done = root.with_name(f"{root.name}-{count}.complete")  # outside the tree: not an image to convert
+def generate_jpegs(root: Path, count: int, sides: tuple[int, int], seed: int = 0) -> Path:
+    """`count` JPEGs in NUM_CLASSES class folders: smooth colour fields with sensor-like noise, each side drawn
+    from `sides` (inclusive), quality 90 (about 0.5 bytes per pixel, near ImageNet's density). Skipped when
+    already there."""
+    done = root.with_name(f"{root.name}.complete")  # outside the tree: not an image to convert
     if done.exists():
         return root
     rng = np.random.default_rng(seed)
     for index in range(count):
-        width, height = (int(side) for side in rng.integers(300, 501, 2))
+        width, height = (int(side) for side in rng.integers(sides[0], sides[1] + 1, 2))
         coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
         field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.int16)
         pixels = np.clip(field + rng.normal(0, 16, (height, width, 3)), 0, 255).astype(np.uint8)
@@ -107,6 +109,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, required=True, help="generated JPEGs and .beton are cached here")
     parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument(
+        "--side-range",
+        type=int,
+        nargs=2,
+        default=[IMG_SIZE, IMG_SIZE],
+        metavar=("MIN", "MAX"),
+        help="pixels per image side of the generated JPEGs (default: 224 x 224)",
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per loader, after one warm-up epoch")
@@ -126,17 +136,22 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    jpegs = generate_jpegs(args.data_dir / "jpeg", args.images)
+    low, high = sorted(args.side_range)
+    if low < 16:
+        parser.error(f"--side-range {low} {high}: images need at least 16 px a side")
+    # One folder (and .beton files) per image set, so that changing the set never reuses stale files.
+    set_dir = args.data_dir / f"{args.images}x{low}-{high}px"
+    jpegs = generate_jpegs(set_dir / "jpeg", args.images, (low, high))
     files = sorted(jpegs.rglob("*.jpg"))
     mean_kib = np.mean([f.stat().st_size for f in files]) / 1024
     print(
-        f"{len(files)} JPEGs, {mean_kib:.0f} KiB on average; batch {args.batch_size}, {args.workers} workers, "
-        f"FFCV os_cache={args.os_cache}"
+        f"{len(files)} JPEGs of {low}-{high} px a side, {mean_kib:.0f} KiB on average; "
+        f"batch {args.batch_size}, {args.workers} workers, FFCV os_cache={args.os_cache}"
     )
 
     epochs = {}  # loader name -> function of the epoch number giving that epoch's batches
     for mode in args.write_modes:
-        beton = convert(jpegs, args.data_dir / f"train_{mode}.beton", mode, args.workers)
+        beton = convert(jpegs, set_dir / f"train_{mode}.beton", mode, args.workers)
         epochs[f"FFCV ({mode})"] = ffcv_epochs(beton, args.batch_size, args.workers, args.os_cache)
     epochs["PyTorch ImageFolder + PIL"] = pytorch_epochs(jpegs, args.batch_size, args.workers)
     for make_epoch in epochs.values():
