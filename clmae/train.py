@@ -77,7 +77,7 @@ def train(cfg) -> int:
     from clmae.curriculum import curriculum_factor
     from clmae.data import build_eval_loader, build_pretrain_loader
     from clmae.engine import build_engines
-    from clmae.method import cmm_step, iteration_flops, mae_step
+    from clmae.method import iteration_flops
     from clmae.models import build_models
     from clmae.tracking import Tracker, redact_uri
     from clmae.viz import render_masks
@@ -187,26 +187,9 @@ def train(cfg) -> int:
                     schedule=cfg.curriculum.schedule,
                     smooth=cfg.curriculum.smooth,
                 )
-                for _micro in range(accum):
-                    images = next(batches)[0].to(engines.dtype)
-                    # MAE step: hard top-k masks of the (frozen, no_grad) masking module.
-                    timer.start()
-                    mae_loss, _ = mae_step(engines.mae, cmm_module, images, cfg)
-                    if env.rank == env.world_size - 1 and faults.armed("nan_loss", global_step + 1):
-                        mae_loss = mae_loss * float("nan")
-                    engines.mae.backward(mae_loss)
-                    engines.mae.step()
-                    timer.mae_done()
-                    # CMM step: soft masks through the frozen MAE's plain module (see clmae/engine.py).
-                    # The MAE's loss is its reconstruction loss; log what was backpropagated, so that the
-                    # NaN guard below sees exactly that.
-                    metrics = {"mae/loss": mae_loss.detach()}
-                    if engines.cmm is not None:
-                        cmm_loss, cmm_metrics = cmm_step(engines.mae.module, engines.cmm, images, lam, cfg)
-                        engines.cmm.backward(cmm_loss)
-                        engines.cmm.step()
-                        metrics.update({f"cmm/{k}": v for k, v in cmm_metrics.items()})
-                    timer.cmm_done()
+                micro_batches = [next(batches)[0].to(engines.dtype) for _ in range(accum)]
+                poison = env.rank == env.world_size - 1 and faults.armed("nan_loss", global_step + 1)
+                metrics = optimizer_step(engines, micro_batches, lam, cfg, timer, poison_mae_loss=poison)
                 step_in_epoch += 1
                 global_step += 1
 
@@ -286,6 +269,51 @@ def train(cfg) -> int:
         return 1
     finally:
         dist.shutdown()
+
+
+def optimizer_step(
+    engines, micro_batches: list, lam: float, cfg, timer: _StepTimer | None = None, poison_mae_loss: bool = False
+) -> dict:
+    """One optimiser step of each engine on the same images (SPEC section 6); returns the metrics
+    ({"mae/loss", "cmm/<term>"}, detached), averaged over the micro-batches.
+
+    micro_batches: train.accum_steps tensors (B, 3, H, W). The MAE accumulates over all of them and steps,
+    then the CMM accumulates over the same images against the updated MAE and steps: the same order as
+    one large batch. (Interleaving the two per micro-batch would let the first CMM micro-steps see the
+    MAE from before its update and the last one after it.)
+    poison_mae_loss: make the MAE loss NaN (fault injection for the NaN guard's test, clmae/faults.py).
+    """
+    from clmae.method import cmm_step, mae_step
+
+    totals: dict = {}
+
+    def accumulate(name, value):
+        totals[name] = totals.get(name, 0) + value.detach() / len(micro_batches)
+
+    if timer is not None:
+        timer.start()
+    for images in micro_batches:
+        # MAE step: hard top-k masks of the (frozen, no_grad) masking module.
+        mae_loss, _ = mae_step(engines.mae, engines.cmm.module if engines.cmm is not None else None, images, cfg)
+        if poison_mae_loss:
+            mae_loss = mae_loss * float("nan")
+        engines.mae.backward(mae_loss)
+        engines.mae.step()  # DeepSpeed applies the update at the last micro-batch only
+        # Log what was backpropagated, so that the NaN guard sees exactly that.
+        accumulate("mae/loss", mae_loss)
+    if timer is not None:
+        timer.mae_done()
+    if engines.cmm is not None:
+        for images in micro_batches:
+            # CMM step: soft masks through the frozen MAE's plain module (see clmae/engine.py).
+            cmm_loss, cmm_metrics = cmm_step(engines.mae.module, engines.cmm, images, lam, cfg)
+            engines.cmm.backward(cmm_loss)
+            engines.cmm.step()
+            for name, value in cmm_metrics.items():
+                accumulate(f"cmm/{name}", value)
+    if timer is not None:
+        timer.cmm_done()
+    return totals
 
 
 class _StepTimer:

@@ -27,7 +27,7 @@ from clmae.engine import (
 )
 from clmae.method import cmm_step, mae_step
 from clmae.models import build_models
-from tests.workers.engine_worker import PER_RANK_BATCH, STEPS_PER_EPOCH, config_for, global_batches
+from tests.workers.engine_worker import ACCUM_STEPS, PER_RANK_BATCH, STEPS_PER_EPOCH, config_for, global_batches
 
 ITERATIONS = 4
 WORLD = 2
@@ -51,9 +51,11 @@ def distributed_results(tmp_path_factory):
     return out_dir, result.stdout
 
 
-def reference_training() -> dict:
-    """The same iterations in one process: per-rank losses averaged, plain torch AdamW."""
-    cfg = config_for("zero2_fp32")
+def reference_training(accum_steps: int = 1) -> dict:
+    """The same iterations in one process: per-rank losses averaged, plain torch AdamW. With `accum_steps`,
+    each rank's images are that many micro-batches and the loss is the mean over all micro-batches, which
+    is what accumulating their gradients computes."""
+    cfg = config_for("zero2_fp32", accum_steps)
     torch.manual_seed(cfg.run.seed)
     mae, cmm = build_models(cfg)
     global_batch = PER_RANK_BATCH * WORLD
@@ -67,14 +69,14 @@ def reference_training() -> dict:
     clips = (cfg.optim.clip_grad, cfg.cmm_optim_resolved().clip_grad)
     losses = []
     for batch in global_batches(ITERATIONS):
-        chunks = batch.chunk(WORLD)
-        mae_loss = sum(mae_step(mae, cmm, chunk, cfg)[0] for chunk in chunks) / WORLD
+        chunks = batch.chunk(WORLD * accum_steps)
+        mae_loss = sum(mae_step(mae, cmm, chunk, cfg)[0] for chunk in chunks) / len(chunks)
         mae_loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in mae.parameters() if p.requires_grad], clips[0])
         optimisers[0].step()
         optimisers[0].zero_grad()
         schedulers[0].step()
-        cmm_loss = sum(cmm_step(mae, cmm, chunk, 0.5, cfg)[0] for chunk in chunks) / WORLD
+        cmm_loss = sum(cmm_step(mae, cmm, chunk, 0.5, cfg)[0] for chunk in chunks) / len(chunks)
         cmm_loss.backward()
         assert all(p.grad is None for p in mae.parameters())
         torch.nn.utils.clip_grad_norm_(list(cmm.parameters()), clips[1])
@@ -94,8 +96,26 @@ def reference_training() -> dict:
 @pytest.mark.parametrize("stage", STAGES)
 def test_two_engines_match_single_process_reference(distributed_results, stage):
     out_dir, _ = distributed_results
-    got = torch.load(out_dir / f"{stage}.pt", weights_only=True)
-    want = reference_training()
+    assert_matches_reference(torch.load(out_dir / f"{stage}.pt", weights_only=True), reference_training(), stage)
+
+
+@pytest.mark.distributed
+def test_gradient_accumulation_matches_the_large_batch_reference(distributed_results):
+    """train.accum_steps=2 through the training loop's optimizer_step: each engine takes one optimiser step
+    per 2 micro-batches, the CMM's micro-steps all see the updated MAE, and the lr follows optimiser steps."""
+    out_dir, _ = distributed_results
+    got = torch.load(out_dir / f"zero2_fp32_accum{ACCUM_STEPS}.pt", weights_only=True)
+    want = reference_training(ACCUM_STEPS)
+    assert_matches_reference(got, want, f"zero2_fp32 accum_steps={ACCUM_STEPS}")
+    # Logged losses are the micro-batch means, so they equal the reference's.
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-4, atol=1e-5)
+    # Without accumulation the same images give different weights (the losses are per-micro-batch
+    # statistics): the comparison above tells the two apart.
+    plain = reference_training()
+    assert max((plain["cmm"][n] - v).abs().max().item() for n, v in want["cmm"].items()) > 1e-3
+
+
+def assert_matches_reference(got: dict, want: dict, label: str) -> None:
     # Rank-mean of the per-rank losses, as the reference defines its loss.
     assert got["lrs"] == pytest.approx(want["lrs"], rel=1e-6)
     for module in ("mae", "cmm"):
@@ -110,13 +130,14 @@ def test_two_engines_match_single_process_reference(distributed_results, stage):
                 keep = torch.cat([torch.arange(width), torch.arange(2 * width, 3 * width)])
                 actual, value = actual[keep], value[keep]
             torch.testing.assert_close(
-                actual, value, rtol=1e-4, atol=5e-5, msg=lambda m, where=f"{stage} {module}.{name}": f"{where}: {m}"
+                actual, value, rtol=1e-4, atol=5e-5, msg=lambda m, where=f"{label} {module}.{name}": f"{where}: {m}"
             )
     # Both modules really moved, so the comparison above is not between two untouched copies.
-    torch.manual_seed(config_for(stage).run.seed)
-    for module, initial in zip(("mae", "cmm"), build_models(config_for(stage)), strict=True):
+    cfg = config_for("zero2_fp32")  # every run starts from these weights
+    torch.manual_seed(cfg.run.seed)
+    for module, initial in zip(("mae", "cmm"), build_models(cfg), strict=True):
         moved = [(got[module][n] - p).abs().max().item() for n, p in initial.named_parameters() if p.requires_grad]
-        assert min(moved) > 0 and max(moved) > 1e-3, module
+        assert min(moved) > 0 and max(moved) > 1e-3, f"{label} {module}"
 
 
 @pytest.mark.distributed

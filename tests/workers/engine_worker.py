@@ -5,7 +5,8 @@ engines exactly as clmae/train.py does, and checks on the way that
 - the module that is not being stepped is bitwise unchanged by the other module's step,
 - each engine's optimiser holds state for its own module only,
 then writes the final weights of both modules for the test to compare with a single-process reference.
-It also builds every ds_configs file into a DeepSpeedConfig and runs one bf16 iteration.
+It also trains ZeRO-2 with gradient accumulation (train.accum_steps=2) through the training loop's own
+`optimizer_step`, builds every ds_configs file into a DeepSpeedConfig and runs one bf16 iteration.
 
 usage: engine_worker.py OUT_DIR ITERATIONS
 """
@@ -26,15 +27,19 @@ from clmae.method import cmm_step, mae_step
 from clmae.models import build_models
 
 PER_RANK_BATCH = 4
+ACCUM_STEPS = 2  # the accumulation run: 2 micro-batches of 2 images per rank and optimiser step
 STEPS_PER_EPOCH = 10
 
 
-def config_for(ds_config: str):
+def config_for(ds_config: str, accum_steps: int = 1):
+    """The test recipe; with `accum_steps` the per-rank batch is cut into that many micro-batches, so the
+    optimiser steps see the same images whatever the accumulation."""
     return load_config(
         "tiny_digits",
         [
             f"train.ds_config={ds_config}",
-            f"data.batch_size={PER_RANK_BATCH}",
+            f"train.accum_steps={accum_steps}",
+            f"data.batch_size={PER_RANK_BATCH // accum_steps}",
             "optim.warmup_epochs=0.2",  # the lr changes every step, so the schedules are compared too
             "optim.clip_grad=1.0",
             "cmm_optim.clip_grad=0.5",
@@ -106,6 +111,30 @@ def train_stage(ds_config: str, iterations: int, out_dir: Path, env) -> None:
     tdist.barrier()
 
 
+def train_accumulated(accum_steps: int, iterations: int, out_dir: Path, env) -> None:
+    """ZeRO-2 with gradient accumulation, each optimiser step through clmae.train.optimizer_step."""
+    from clmae.train import optimizer_step
+
+    cfg = config_for("zero2_fp32", accum_steps)
+    torch.manual_seed(cfg.run.seed)
+    mae, cmm = build_models(cfg)
+    engines = build_engines(cfg, mae, cmm, STEPS_PER_EPOCH, env.world_size)
+    assert engines.global_batch == PER_RANK_BATCH * env.world_size, engines.global_batch
+    losses = []
+    for batch in global_batches(iterations):
+        micro_batches = list(batch.chunk(env.world_size)[env.rank].chunk(accum_steps))
+        metrics = optimizer_step(engines, micro_batches, 0.5, cfg)
+        rank_losses = torch.stack([metrics["mae/loss"], metrics["cmm/loss_cmm"]])
+        tdist.all_reduce(rank_losses)  # the mean over ranks, as the training loop logs it
+        losses.append((rank_losses / env.world_size).tolist())
+    mae_final, cmm_final = full_state(engines.mae.module), full_state(engines.cmm.module)
+    lrs = {"mae": engines.mae.get_lr()[0], "cmm": engines.cmm.get_lr()[0]}
+    if env.rank == 0:
+        out = out_dir / f"zero2_fp32_accum{accum_steps}.pt"
+        torch.save({"mae": mae_final, "cmm": cmm_final, "losses": losses, "lrs": lrs}, out)
+    tdist.barrier()
+
+
 def check_every_ds_config(env) -> None:
     from deepspeed.runtime.config import DeepSpeedConfig
 
@@ -148,6 +177,7 @@ def main() -> None:
             train_stage(f"zero{stage}_fp32", iterations, out_dir, env)
             if env.rank == 0:
                 print(f"zero{stage}_fp32 trained", flush=True)
+        train_accumulated(ACCUM_STEPS, iterations, out_dir, env)
         bf16_iteration(env)
     finally:
         dist.shutdown()
