@@ -218,6 +218,21 @@ def _free_port() -> int:
 _ENV: DistEnv | None = None
 
 
+def _pin_op_build_environment() -> None:
+    """Make DeepSpeed's JIT build of its CPU comm op the same in every process of this environment.
+
+    The build cache is kept per environment, so two venvs (or two CI jobs) never rebuild each other's copy.
+    torch runs whichever `ninja` comes first on PATH, and ninja 1.13 (the venv's, a DeepSpeed dependency)
+    hashes build commands differently from 1.11 (a distribution's): launches with and without the venv on
+    PATH then rebuild the op for each other every time, 1-3 minutes per launch. The venv's ninja goes first.
+    """
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    env_bin = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(env_bin, "ninja")) and path.split(os.pathsep)[0] != env_bin:
+        os.environ["PATH"] = os.pathsep.join([env_bin, path]) if path else env_bin
+
+
 def init(backend: str = "auto", timeout_minutes: int = 30, environ: Mapping[str, str] | None = None) -> DistEnv:
     """Detect the environment, export it the way torch/DeepSpeed read it, and init the process group."""
     global _ENV
@@ -230,9 +245,7 @@ def init(backend: str = "auto", timeout_minutes: int = 30, environ: Mapping[str,
         MASTER_ADDR=dist_env.master_addr,
         MASTER_PORT=str(dist_env.master_port),
     )
-    # DeepSpeed JIT-builds a CPU comm op on first use; keep the build cache per environment so that
-    # two venvs (or two CI jobs) never rebuild each other's copy.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    _pin_op_build_environment()
     import deepspeed
     import torch
 

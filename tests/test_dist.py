@@ -1,12 +1,14 @@
 """Distributed environment: launcher variables -> rank/world/master/backend, and a real 2-rank init."""
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from clmae.dist import DistError, detect, first_host, slurm_master_port
+from clmae.dist import DistError, _pin_op_build_environment, detect, first_host, slurm_master_port
 
 
 @pytest.mark.parametrize(
@@ -144,10 +146,29 @@ def test_nccl_without_gpu_is_refused():
         detect({}, cuda_available=False, backend="nccl")
 
 
+def without_env_bin(path: str) -> str:
+    """PATH as a shell without this venv activated has it."""
+    env_bin = os.path.dirname(sys.executable)
+    return os.pathsep.join(entry for entry in path.split(os.pathsep) if entry != env_bin)
+
+
+def test_op_build_uses_this_environments_ninja(monkeypatch):
+    monkeypatch.setenv("PATH", without_env_bin(os.environ["PATH"]))
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    _pin_op_build_environment()
+    assert shutil.which("ninja") == os.path.join(os.path.dirname(sys.executable), "ninja")
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == os.path.join(sys.prefix, "torch_extensions")
+
+
 @pytest.mark.distributed
 def test_two_rank_deepspeed_init_and_all_reduce():
-    """Two real processes (torchrun, gloo) meet through deepspeed.init_distributed and all_reduce."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    """Two real processes (torchrun, gloo) meet through deepspeed.init_distributed and all_reduce, launched
+    as from a shell without the venv activated; DeepSpeed's comm op, once built (`make setup` builds it with
+    the venv's tools), is reused rather than rebuilt."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=without_env_bin(os.environ["PATH"]))
+    env.pop("TORCH_EXTENSIONS_DIR", None)
+    build_log = Path(sys.prefix) / "torch_extensions" / "deepspeed_shm_comm" / ".ninja_log"
+    built_before = build_log.read_text() if build_log.exists() else None
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clmae.dist"],
         capture_output=True,
@@ -159,3 +180,7 @@ def test_two_rank_deepspeed_init_and_all_reduce():
     for rank in (0, 1):
         assert f"DistEnv(rank={rank}, local_rank={rank}, world_size=2" in out.stdout
     assert out.stdout.count("backend='gloo', launcher='torchrun'); all_reduce of (rank+1) = 3 (expected 3)") == 2
+    if built_before is None:
+        assert build_log.exists(), f"DeepSpeed's comm op was not built into {build_log.parent}"
+    else:
+        assert build_log.read_text() == built_before, "DeepSpeed's comm op was rebuilt"
