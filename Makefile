@@ -28,13 +28,14 @@ export TORCH_EXTENSIONS_DIR := $(VENV_ABS)/torch_extensions
 # Prebuilding DeepSpeed's CUDA/C++ ops at install needs a compiler toolchain per op; JIT is enough.
 export DS_BUILD_OPS := 0
 
-.PHONY: help setup system-deps demo test lint clean
+.PHONY: help setup system-deps demo compare-masking test lint clean
 
 help:
-	@echo "make demo    set up, then run CL-MAE end to end on the bundled digits set (2 CPU ranks)"
-	@echo "make test    set up, then run ruff and the whole test suite"
-	@echo "make setup   system packages, $(VENV), Python packages, DeepSpeed op warm-up (idempotent)"
-	@echo "make lint    ruff check + shellcheck"
+	@echo "make demo             set up, then run CL-MAE end to end on the bundled digits set (2 CPU ranks)"
+	@echo "make test             set up, then run ruff and the whole test suite"
+	@echo "make compare-masking  set up, then random masking vs the CL-MAE curriculum on digits: probes side by side"
+	@echo "make setup            system packages, $(VENV), Python packages, DeepSpeed op warm-up (idempotent)"
+	@echo "make lint             ruff check + shellcheck"
 	@echo "variables: TORCH_SPEC='$(TORCH_SPEC)' TORCH_INDEX_URL='$(TORCH_INDEX_URL)' SYSTEM_DEPS=$(SYSTEM_DEPS)"
 
 setup: system-deps $(STAMPS)/packages $(STAMPS)/deepspeed-ops
@@ -85,6 +86,13 @@ test: setup lint
 DEMO_ARGS ?=
 demo: setup
 	$(BIN)/python -m clmae.demo $(DEMO_ARGS)
+
+# Random masking (plain MAE) vs the CL-MAE curriculum vs no pre-training on digits: few-shot probes and k-NN
+# side by side (benchmarks/compare_masking.py; 20-30 min on 2 cores, a rerun reuses what is done).
+# COMPARE_ARGS go to the script, e.g. COMPARE_ARGS="--epochs 2 --out-dir runs/compare_masking_2ep".
+COMPARE_ARGS ?=
+compare-masking: setup
+	$(BIN)/python benchmarks/compare_masking.py $(COMPARE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 
 import torch
+from _common import build_iterations, synchronize
 
 from clmae.config import MODEL_NAMES, load_config
-from clmae.method import cmm_step, iteration_flops, mae_step
-from clmae.models import build_models
+from clmae.method import iteration_flops
 
 # The target of issue 3: no cost beyond the method's arithmetic, within 10 %.
 MAX_OVERHEAD = 1.1
@@ -35,11 +35,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (for CUDA; slow on most CPUs)")
     return parser.parse_args()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_interleaved(iterations: list[Callable[[], None]], iters: int, device: torch.device) -> list[float]:
@@ -57,34 +52,12 @@ def time_interleaved(iterations: list[Callable[[], None]], iters: int, device: t
 
 
 def measure(name: str, batch_size: int, iters: int, device: torch.device, bf16: bool) -> dict[str, float]:
-    cfg = load_config(None, [f"model.name={name}"])
-    torch.manual_seed(cfg.run.seed)
-    mae, cmm = build_models(cfg)
-    mae, cmm = mae.to(device), cmm.to(device)
-    mae_opt = torch.optim.AdamW(mae.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    cmm_opt = torch.optim.AdamW(cmm.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    size = mae.patch_embed.img_size[0]
-    imgs = torch.randn(batch_size, 3, size, size, device=device)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    def train(step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
-        with autocast():
-            loss = step()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def mae_iteration() -> None:
-        train(lambda: mae_step(mae, None, imgs, cfg)[0], mae_opt)
-
-    def clmae_iteration() -> None:
-        train(lambda: mae_step(mae, cmm, imgs, cfg)[0], mae_opt)
-        train(lambda: cmm_step(mae, cmm, imgs, 1.0, cfg)[0], cmm_opt)
+    bench = build_iterations(name, batch_size, device, bf16)
 
     # Per image, counted on the meta device by the same function the trainer uses for its MFU.
     mae_flops = iteration_flops(load_config(None, [f"model.name={name}", "masking.mode=random"]))["mae"]
-    clmae_flops = sum(iteration_flops(cfg).values())
-    mae_time, clmae_time = time_interleaved([mae_iteration, clmae_iteration], iters, device)
+    clmae_flops = sum(iteration_flops(bench.cfg).values())
+    mae_time, clmae_time = time_interleaved([bench.mae_iteration, bench.clmae_iteration], iters, device)
     return {
         "mae_ms": 1e3 * mae_time,
         "clmae_ms": 1e3 * clmae_time,

@@ -1,0 +1,146 @@
+"""What the benchmark scripts share: the plain-torch MAE / CL-MAE iteration and process memory readings.
+
+`build_iterations` is the iteration that step_cost.py times and memory.py measures: the MAE step
+(clmae.method.mae_step) and, for CL-MAE, the CMM step (clmae.method.cmm_step), each module with its own AdamW,
+forward + backward + step + zero_grad(set_to_none=True). The scripts import this file by name, which works when
+they are run by path (`python benchmarks/NAME.py` puts benchmarks/ first on sys.path).
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from clmae.config import Config, load_config
+from clmae.method import cmm_step, mae_step
+from clmae.models import build_models
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def adamw(module: nn.Module) -> torch.optim.AdamW:
+    """The benchmarks' optimiser: AdamW with the recipe's betas and weight decay (its state is allocated
+    lazily, at the first step)."""
+    return torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+
+
+@dataclass
+class Iterations:
+    """The models, optimisers and batch of one benchmark, and its two kinds of iteration."""
+
+    cfg: Config
+    mae: nn.Module
+    cmm: nn.Module | None
+    optimizers: list[torch.optim.Optimizer]
+    imgs: Tensor
+    mae_iteration: Callable[[], None]  # plain MAE: random masks, MAE step
+    clmae_iteration: Callable[[], None] | None  # CL-MAE: MAE step on the CMM's hard masks, then the CMM step
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes held by the optimisers' state tensors (AdamW: exp_avg, exp_avg_sq, step; none before a step)."""
+        return sum(
+            value.numel() * value.element_size()
+            for optimizer in self.optimizers
+            for state in optimizer.state.values()
+            for value in state.values()
+            if isinstance(value, Tensor)
+        )
+
+    def num_params(self) -> int:
+        return sum(p.numel() for module in (self.mae, self.cmm) if module is not None for p in module.parameters())
+
+
+def build_iterations(
+    name: str, batch_size: int, device: torch.device, bf16: bool = False, with_cmm: bool = True
+) -> Iterations:
+    """Models (seeded), one AdamW per module and a random batch on `device`.
+
+    with_cmm=False builds the plain MAE alone (masking.mode=random): no CMM weights, no `clmae_iteration`.
+    bf16: bf16 autocast around each forward (fp32 weights and optimiser state).
+    """
+    overrides = [f"model.name={name}"] + ([] if with_cmm else ["masking.mode=random"])
+    cfg = load_config(None, overrides)
+    torch.manual_seed(cfg.run.seed)
+    mae, cmm = build_models(cfg)
+    mae = mae.to(device)
+    cmm = cmm.to(device) if cmm is not None else None
+    mae_opt = adamw(mae)
+    cmm_opt = adamw(cmm) if cmm is not None else None
+    size = mae.patch_embed.img_size[0]
+    imgs = torch.randn(batch_size, 3, size, size, device=device)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def train(step: Callable[[], Tensor], optimizer: torch.optim.Optimizer) -> None:
+        with autocast():
+            loss = step()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def mae_iteration() -> None:
+        train(lambda: mae_step(mae, None, imgs, cfg)[0], mae_opt)
+
+    def clmae_iteration() -> None:
+        train(lambda: mae_step(mae, cmm, imgs, cfg)[0], mae_opt)
+        train(lambda: cmm_step(mae, cmm, imgs, 1.0, cfg)[0], cmm_opt)
+
+    return Iterations(
+        cfg=cfg,
+        mae=mae,
+        cmm=cmm,
+        optimizers=[mae_opt] if cmm_opt is None else [mae_opt, cmm_opt],
+        imgs=imgs,
+        mae_iteration=mae_iteration,
+        clmae_iteration=clmae_iteration if cmm is not None else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Process memory (Linux). RSS peaks are per process and only grow: measure each configuration in a
+# fresh process, and reset the peak (where the kernel allows) before the part being measured.
+# --------------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            match = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now."""
+    kib = _status_kib("VmRSS")
+    if kib is None:
+        raise RuntimeError("no VmRSS in /proc/self/status (the memory readings need Linux)")
+    return kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS; False where the kernel does not allow it
+    (Linux >= 4.0: writing 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 1024  # the reset took (within 1 MiB of RSS)
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS since the last `reset_peak_rss` (VmHWM), else since the process started (ru_maxrss)."""
+    kib = _status_kib("VmHWM")
+    if kib is None:
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; never reset
+    return kib * 1024

@@ -1,0 +1,457 @@
+"""MAE and CL-MAE training throughput on one GPU, through the real training engines.
+
+Each iteration is the training loop's (clmae/train.py), with random images in place of the data loader: the MAE
+step through the MAE's DeepSpeed engine (the CMM's no-grad hard masks for CL-MAE, uniform noise for plain MAE),
+then, for CL-MAE, the CMM step through the CMM's engine with the MAE's plain module frozen. The engines come from
+clmae.engine.build_engines with ZeRO-2 (ds_configs/zero2_bf16.json, or zero2_fp32.json for --dtype fp32), in one
+process whose process group clmae.dist.init sets up as for any single-process run. For each (model, method):
+
+- images/s over --iters iterations after --warmup ones (torch.cuda.synchronize around the timed block);
+- achieved TFLOP/s: the FLOPs per image of both steps, counted on the meta device by clmae.method.iteration_flops
+  (what the trainer's MFU uses; matmuls and attention, forward + backward), times images/s;
+- MFU against the MEASURED matmul peak: the best of a few timed rounds of an N x N x N matmul in the same dtype
+  (--matmul-size, 8192 on CUDA), after warm-up. This is what the GPU really reaches on large matmuls (it is
+  below the data sheet's dense peak, e.g. 989 TFLOP/s bf16 for an H100 SXM, which train.peak_tflops uses);
+- peak memory: torch.cuda.max_memory_allocated over the timed iterations (peak RSS with --device cpu);
+- the largest per-GPU batch that fits with ZeRO-2: the batch doubles from --batch-size until
+  torch.cuda.OutOfMemoryError (or --max-batch), then a binary search between the last batch that fit and the
+  first that did not (to a multiple of 8 above 64). A batch fits if two iterations complete; leave a margin for
+  a long run. Every try (and every timed run) is a fresh Python process, so each starts with all GPU memory free.
+  If --batch-size itself does not fit, the timed run halves it until it does.
+
+On a GPU machine:
+
+    python benchmarks/gpu_throughput.py --out gpu.json
+    # = --models vit_base_patch16 vit_large_patch16 vit_huge_patch14 --dtype bf16 --batch-size 64 --iters 10
+
+The largest-batch search can take several minutes per model: each try pays a process start, the engines'
+construction and two iterations, and a search makes about 5 to 12 tries per (model, method). An estimate, not
+yet timed on a GPU: 3 to 5 minutes per (model, method), so 20 to 30 minutes for the defaults; --no-max-batch
+skips the search (a few minutes). The progress goes to stderr, the table to stdout; --out is rewritten after
+every (model, method), so an interrupted run keeps what it measured.
+
+CPU smoke mode, to check the script without a GPU (MFU against the measured fp32 matmul peak; 96 s on 2 shared
+cores, plus 1 to 2.5 minutes whenever DeepSpeed JIT-builds its CPU comm op, deepspeed_shm_comm, in the first
+worker):
+
+    python benchmarks/gpu_throughput.py --device cpu --dtype fp32 --models vit_tiny --batch-size 4 --iters 1 \\
+        --no-max-batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from _common import peak_rss_bytes, reset_peak_rss, rss_bytes, synchronize
+
+from clmae.config import MODEL_NAMES, Config, load_config
+from clmae.method import iteration_flops
+
+METHODS = ("mae", "clmae")
+LABELS = {"mae": "MAE", "clmae": "CL-MAE"}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+GIB = 2**30
+STEPS_PER_EPOCH = 1000  # for the engines' LR schedule only
+WORKER_TIMEOUT_S = 1800
+# The launcher variables that clmae.dist.detect reads: a worker must see none, so that it is a single process.
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "SLURM_PROCID",
+)
+OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "can't allocate memory")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default_models = ["vit_base_patch16", "vit_large_patch16", "vit_huge_patch14"]
+    parser.add_argument("--models", nargs="+", default=default_models, choices=MODEL_NAMES)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="the ZeRO-2 ds_config's precision")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per iteration (per GPU) of the timed run")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before them")
+    parser.add_argument("--max-batch", type=int, default=2048, help="the largest batch the search tries")
+    parser.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search")
+    parser.add_argument("--matmul-size", type=int, help="N of the peak matmul (default: 8192 on CUDA, 2048 on CPU)")
+    parser.add_argument("--out", type=Path, help="write the results to this JSON file")
+    # Internal: one measurement in this process, its result written to --result.
+    parser.add_argument("--worker", choices=("matmul", "run"), help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=MODEL_NAMES, help=argparse.SUPPRESS)
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.matmul_size is None:
+        args.matmul_size = 8192 if args.device == "cuda" else 2048
+    if min(args.batch_size, args.iters, args.max_batch) < 1 or args.warmup < 0:
+        parser.error("--batch-size, --iters and --max-batch must be at least 1, --warmup at least 0")
+    return args
+
+
+def run_config(model: str, method: str, batch_size: int, dtype: str) -> Config:
+    overrides = [f"model.name={model}", f"data.batch_size={batch_size}", f"train.ds_config=zero2_{dtype}"]
+    if method == "mae":
+        overrides.append("masking.mode=random")
+    return load_config(None, overrides)
+
+
+# --------------------------------------------------------------------------------------------------
+# Workers: each runs in its own process (started by `call_worker`), so memory never carries over.
+# --------------------------------------------------------------------------------------------------
+
+
+def is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and any(message in str(err) for message in OOM_MESSAGES)
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {"name": props.name, "memory_bytes": props.total_memory, "cuda": torch.version.cuda}
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"name": name, "threads": torch.get_num_threads()}
+
+
+def matmul_worker(args: argparse.Namespace) -> dict:
+    """The measured matmul peak: best seconds per N x N x N matmul over a few rounds, after warm-up."""
+    device = torch.device("cuda:0" if args.device == "cuda" else "cpu")
+    dtype, n = DTYPES[args.dtype], args.matmul_size
+    warmup, reps, rounds = (10, 20, 5) if device.type == "cuda" else (1, 2, 3)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    for _ in range(warmup):
+        torch.matmul(a, b, out=c)
+    best = math.inf
+    for _ in range(rounds):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b, out=c)
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / reps)
+    return {
+        "device": device_info(device),
+        "matmul": {"n": n, "dtype": args.dtype, "seconds": best, "tflops": 2 * n**3 / best / 1e12},
+    }
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """Engines for (model, method) at one batch size; --warmup, then --iters timed iterations."""
+    from clmae import dist
+    from clmae.engine import build_engines
+    from clmae.models import build_models
+    from clmae.train import optimizer_step
+
+    env = dist.init("nccl" if args.device == "cuda" else "gloo")  # rank 0 of 1 (call_worker clears launchers)
+    device = torch.device(env.device)
+    cuda = device.type == "cuda"
+
+    def memory_now() -> int:
+        return torch.cuda.memory_allocated(device) if cuda else rss_bytes()
+
+    cfg = run_config(args.model, args.method, args.batch_size, args.dtype)
+    torch.manual_seed(cfg.run.seed)
+    with device:  # built in place: the same modules as building on the CPU and moving them, faster
+        mae, cmm = build_models(cfg)
+    engines = build_engines(cfg, mae, cmm, STEPS_PER_EPOCH, env.world_size)
+    size = mae.patch_embed.img_size
+    # fp32 images on the device, as the loader hands them over; the loop casts them to the engines' dtype.
+    images = torch.randn(args.batch_size, 3, *size, device=device)
+
+    def iteration() -> None:  # one optimiser step of each engine: the training loop's own (accum_steps 1)
+        optimizer_step(engines, [images.to(engines.dtype)], 1.0, cfg)
+
+    synchronize(device)
+    built = memory_now()
+    for _ in range(args.warmup):
+        iteration()
+    synchronize(device)
+    between = memory_now()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+    start = time.perf_counter()
+    for _ in range(args.iters):
+        iteration()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    record = {
+        "oom": False,
+        "batch_size": args.batch_size,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "seconds_per_iter": seconds / args.iters,
+        "images_per_s": args.batch_size * args.iters / seconds,
+        "memory": "allocated" if cuda else "rss",
+        "memory_after_build": built,  # CUDA: weights, fp32 master copy, AdamW state, ZeRO buffers
+        "memory_between_iterations": between,
+        "peak_memory": torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes(),
+    }
+    if cuda:
+        record["peak_memory_reserved"] = torch.cuda.max_memory_reserved(device)
+    dist.shutdown()
+    return record
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    try:
+        record = matmul_worker(args) if args.worker == "matmul" else run_worker(args)
+    except Exception as err:
+        if not is_oom(err):
+            raise
+        args.result.write_text(json.dumps({"oom": True, "error": str(err).strip().splitlines()[0][:300]}))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # no teardown of engines and process group after an OOM; the exit frees the memory
+    args.result.write_text(json.dumps(record))
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver: never touches the GPU itself.
+# --------------------------------------------------------------------------------------------------
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def worker_env(device: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # torch, clmae.dist and DeepSpeed then all take the CPU path
+    return env
+
+
+def call_worker(kind: str, args: argparse.Namespace, **options) -> dict:
+    """Run one worker in a fresh process; its result, {"oom": True, ...}, or {"error": ..., "output": ...}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--result", str(result)]
+        command += ["--device", args.device, "--dtype", args.dtype, "--matmul-size", str(args.matmul_size)]
+        for name, value in options.items():
+            command += [f"--{name.replace('_', '-')}", str(value)]
+        try:
+            proc = subprocess.run(
+                command, env=worker_env(args.device), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {WORKER_TIMEOUT_S} s", "output": ""}
+        if result.is_file():  # written before teardown: a crash while exiting does not void it
+            return json.loads(result.read_text())
+        return {"error": f"exit code {proc.returncode}", "output": (proc.stdout + proc.stderr)[-4000:]}
+
+
+def timed_run(model: str, method: str, args: argparse.Namespace, batch: int, iters: int, warmup: int) -> dict:
+    start = time.perf_counter()
+    record = call_worker("run", args, model=model, method=method, batch_size=batch, iters=iters, warmup=warmup)
+    if record.get("oom"):
+        outcome = "out of memory"
+    elif "error" in record:
+        outcome = f"error: {record['error']}\n{record['output']}"
+    else:
+        outcome = f"fits, peak {record['peak_memory'] / GIB:.2f} GiB, {record['images_per_s']:.1f} img/s"
+    progress(f"  {model} {LABELS[method]} batch {batch}: {outcome} ({time.perf_counter() - start:.0f} s)")
+    return record
+
+
+def search_max_batch(
+    model: str, method: str, args: argparse.Namespace, fits: int, fails: int | None, peak_at_fits: int
+) -> dict:
+    """Largest batch that completes two iterations, between `fits` (known to fit, with this peak memory) and
+    `fails` (known not to, or None)."""
+    start = time.perf_counter()
+    lo, hi = fits, fails
+    peaks: dict[int, int] = {fits: peak_at_fits}
+    probes: list[dict] = []
+    error = None
+
+    def probe(batch: int) -> bool | None:
+        nonlocal error
+        record = timed_run(model, method, args, batch, iters=1, warmup=1)
+        probes.append({"batch_size": batch, "fits": not record.get("oom") and "error" not in record, **record})
+        if "error" in record:
+            error = f"batch {batch}: {record['error']}"
+            return None
+        if record["oom"]:
+            return False
+        peaks[batch] = record["peak_memory"]
+        return True
+
+    capped = False
+    while hi is None:  # doubling
+        batch = min(2 * lo, args.max_batch)
+        if batch <= lo:
+            capped = True
+            break
+        fitted = probe(batch)
+        if fitted is None:
+            break
+        if fitted:
+            lo = batch
+        else:
+            hi = batch
+    while hi is not None and error is None:  # binary search
+        step = 8 if lo >= 64 else 1
+        mid = max((lo + hi) // 2 // step * step, (lo // step + 1) * step)
+        if mid >= hi:
+            break
+        fitted = probe(mid)
+        if fitted is None:
+            break
+        lo, hi = (mid, hi) if fitted else (lo, mid)
+    return {
+        "max_batch": lo,
+        "max_batch_capped": capped,  # --max-batch fitted: the real limit is higher
+        "first_oom_batch": hi,
+        "peak_memory_at_max_batch": peaks.get(lo),
+        "search_error": error,  # a try failed other than by running out of memory: max_batch is a lower bound
+        "search_seconds": time.perf_counter() - start,
+        "probes": probes,
+    }
+
+
+def measure_pair(model: str, method: str, args: argparse.Namespace, peak_tflops: float) -> dict:
+    flops = iteration_flops(run_config(model, method, args.batch_size, args.dtype))
+    row = {
+        "model": model,
+        "method": method,
+        "requested_batch_size": args.batch_size,
+        "flops_per_image": {"mae_step": flops["mae"], "cmm_step": flops["cmm"], "total": sum(flops.values())},
+    }
+    batch, fails = args.batch_size, None
+    record = timed_run(model, method, args, batch, args.iters, args.warmup)
+    while record.get("oom") and batch > 1:
+        fails, batch = batch, batch // 2
+        record = timed_run(model, method, args, batch, args.iters, args.warmup)
+    row["timed"] = record
+    if record.get("oom") or "error" in record:
+        return row
+    row["tflops"] = row["flops_per_image"]["total"] * record["images_per_s"] / 1e12
+    row["mfu"] = row["tflops"] / peak_tflops
+    if not args.no_max_batch:
+        row["max_batch"] = search_max_batch(model, method, args, batch, fails, record["peak_memory"])
+    return row
+
+
+def halved(row: dict) -> bool:
+    """Whether --batch-size did not fit and the timed run used a smaller batch."""
+    return row["timed"].get("batch_size", row["requested_batch_size"]) != row["requested_batch_size"]
+
+
+def format_row(row: dict) -> str:
+    name = f"{row['model']:<18} {LABELS[row['method']]:<7}"
+    timed = row["timed"]
+    if "error" in timed:
+        return f"{name} error: {timed['error']}"
+    if timed.get("oom"):
+        return f"{name} out of memory even at batch 1"
+    batch = f"{timed['batch_size']}" + ("*" if halved(row) else "")
+    line = (
+        f"{name} {batch:>6} {timed['images_per_s']:>9.1f} {1e3 * timed['seconds_per_iter']:>9.1f} "
+        f"{row['flops_per_image']['total'] / 1e9:>10.4g} {row['tflops']:>8.3g} {100 * row['mfu']:>6.1f}% "
+        f"{timed['peak_memory'] / GIB:>9.2f}"
+    )
+    search = row.get("max_batch")
+    if search is not None:
+        most = f"{'>=' if search['max_batch_capped'] or search['search_error'] else ''}{search['max_batch']}"
+        peak = search["peak_memory_at_max_batch"]
+        line += f" {most:>10} {peak / GIB:>11.2f}"
+        if search["search_error"]:
+            line += f"  (search stopped: {search['search_error']})"
+    return line
+
+
+def print_table(report: dict, rows: list[dict]) -> None:
+    matmul, device = report["matmul"], report["device"]
+    kind = "allocated" if report["device_type"] == "cuda" else "RSS"
+    print(
+        f"{device['name']}: ZeRO-2 {report['dtype']} (clmae.engine.build_engines, 1 process); "
+        f"measured {report['dtype']} matmul peak ({matmul['n']}^3): {matmul['tflops']:.3g} TFLOP/s"
+    )
+    header = (
+        f"{'model':<18} {'method':<7} {'batch':>6} {'img/s':>9} {'ms/iter':>9} {'GFLOP/img':>10} "
+        f"{'TFLOP/s':>8} {'MFU':>7} {'peak GiB':>9}"
+    )
+    if any("max_batch" in row for row in rows):
+        header += f" {'max batch':>10} {'at max GiB':>11}"
+    print(header)
+    for row in rows:
+        print(format_row(row))
+    print(
+        f"GFLOP/img: both steps of an iteration, forward + backward, counted (clmae.method.iteration_flops); "
+        f"MFU: TFLOP/s / the measured matmul peak;\npeak GiB: {kind}, the highest during the timed iterations"
+        + ("; max batch: the largest that completes two iterations (ZeRO-2, one GPU)" if "max batch" in header else "")
+        + ("; *: --batch-size did not fit, halved until it did" if any(halved(row) for row in rows) else "")
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device is visible; for the CPU smoke mode use --device cpu --dtype fp32")
+    start = time.perf_counter()
+    report = {
+        "command": [sys.executable, *sys.argv],
+        "device_type": args.device,
+        "dtype": args.dtype,
+        "ds_config": f"zero2_{args.dtype}",
+        "batch_size": args.batch_size,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "max_batch_limit": None if args.no_max_batch else args.max_batch,
+        "versions": {"torch": torch.__version__, "deepspeed": version("deepspeed")},
+    }
+    progress(f"measuring the {args.dtype} matmul peak ({args.matmul_size}^3)")
+    measured = call_worker("matmul", args)
+    if "matmul" not in measured:
+        sys.exit(f"error: the matmul peak measurement failed: {measured.get('error')}\n{measured.get('output', '')}")
+    report.update(measured)
+    rows: list[dict] = []
+    for model in args.models:
+        for method in args.methods:
+            progress(f"{model} {LABELS[method]}")
+            rows.append(measure_pair(model, method, args, measured["matmul"]["tflops"]))
+            report["rows"] = rows
+            if args.out:  # after every pair, so that an interrupted run keeps what it measured
+                args.out.write_text(json.dumps(report, indent=2))
+    report["seconds"] = time.perf_counter() - start
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    print_table(report, rows)
+    print(f"took {report['seconds']:.0f} s" + (f"; results in {args.out}" if args.out else ""))
+    if any("error" in row["timed"] for row in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The benchmark scripts run as a user runs them (by path) and report sane, self-consistent numbers.
+
+Their figures are measured on quiet machines and go into the README; here only the smallest model on CPU,
+so that a change in clmae that breaks a script shows up in CI rather than on a GPU machine later.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def run_script(name: str, *args: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_memory_counts_adamw_state_exactly_and_clmae_needs_more(tmp_path):
+    out = tmp_path / "memory.json"
+    run_script("memory.py", "--models", "vit_tiny", "--iters", "1", "--json", str(out))
+    rows = {row["method"]: row for row in json.loads(out.read_text())}
+    for row in rows.values():
+        # AdamW's two fp32 moments per trained parameter (the fixed position embeddings are not trained).
+        assert 0.9 * 8 * row["params"] < row["adamw_state"] <= 8 * row["params"], row
+        assert row["baseline"] == row["built"] + row["adamw_state"]
+        assert row["peak"] > row["baseline"] and row["per_iteration_increase"] == row["peak"] - row["baseline"]
+    # CL-MAE holds a second module with its optimiser and runs a second forward/backward per iteration.
+    assert rows["clmae"]["params"] > rows["mae"]["params"]
+    assert rows["clmae"]["adamw_state"] > rows["mae"]["adamw_state"]
+
+
+@pytest.mark.distributed
+def test_gpu_throughput_cpu_smoke_mode_reports_flops_and_mfu(tmp_path):
+    """The GPU script's CPU mode: the real ZeRO-2 engines in one process, timed, with counted FLOPs."""
+    out = tmp_path / "gpu.json"
+    stdout = run_script(
+        "gpu_throughput.py",
+        *("--device", "cpu", "--dtype", "fp32", "--models", "vit_tiny", "--batch-size", "4"),
+        *("--iters", "1", "--warmup", "1", "--no-max-batch", "--out", str(out)),
+    )
+    report = json.loads(out.read_text())
+    assert report["matmul"]["tflops"] > 0
+    rows = {row["method"]: row for row in report["rows"]}
+    assert set(rows) == {"mae", "clmae"}, stdout
+    for row in rows.values():
+        timed = row["timed"]
+        assert timed["batch_size"] == 4 and timed["images_per_s"] > 0 and timed["peak_memory"] > 0
+        assert row["tflops"] == pytest.approx(row["flops_per_image"]["total"] * timed["images_per_s"] / 1e12)
+        assert row["mfu"] == pytest.approx(row["tflops"] / report["matmul"]["tflops"])
+    # Plain MAE has no CMM step; CL-MAE's iteration does both steps, several times the MAE's FLOPs.
+    assert rows["mae"]["flops_per_image"]["cmm_step"] == 0
+    assert rows["clmae"]["flops_per_image"]["total"] > 3 * rows["mae"]["flops_per_image"]["total"]
