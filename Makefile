@@ -88,7 +88,7 @@ demo: setup
 	$(BIN)/python -m clmae.demo $(DEMO_ARGS)
 
 # Random masking (plain MAE) vs the CL-MAE curriculum vs no pre-training on digits: few-shot probes and k-NN
-# side by side (benchmarks/compare_masking.py; 20-30 min on 2 cores, a rerun reuses what is done).
+# side by side (benchmarks/compare_masking.py; 15-20 min on 2 cores, a rerun reuses what is done).
 # COMPARE_ARGS go to the script, e.g. COMPARE_ARGS="--epochs 2 --out-dir runs/compare_masking_2ep".
 COMPARE_ARGS ?=
 compare-masking: setup
