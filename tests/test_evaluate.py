@@ -44,6 +44,18 @@ def test_linear_probe_recipe_learns_a_linearly_separable_task():
     assert not probe[0].affine and probe[0].eps == 1e-6
 
 
+def test_linear_probe_is_a_function_of_features_labels_and_seed():
+    """The few-shot table must not change between two evaluations of one checkpoint: no global RNG state."""
+    features, labels = separable_task(200)
+    probes = []
+    for global_seed, seed in ((1, 7), (2, 7), (1, 8)):
+        torch.manual_seed(global_seed)
+        probes.append(train_linear_probe(features, labels, num_classes=5, epochs=3, warmup_epochs=1, seed=seed))
+    same, other = probes[0].state_dict(), probes[1].state_dict()
+    assert all(torch.equal(same[name], other[name]) for name in same)
+    assert not torch.equal(probes[0][1].weight, probes[2][1].weight)
+
+
 def test_fewshot_subsets_are_class_balanced_seeded_and_nested():
     labels = torch.arange(10).repeat_interleave(20)[torch.randperm(200, generator=torch.Generator().manual_seed(1))]
     subset = balanced_subset(labels, shots=4, seed=0, num_classes=10)

@@ -35,9 +35,9 @@ TRUST_COEFF = 0.001
 class LinearProbe(nn.Sequential):
     """features (B, D) -> logits (B, C): BatchNorm1d without affine, then Linear."""
 
-    def __init__(self, dim: int, num_classes: int):
+    def __init__(self, dim: int, num_classes: int, generator: torch.Generator | None = None):
         super().__init__(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
-        nn.init.trunc_normal_(self[1].weight, std=0.01)
+        nn.init.trunc_normal_(self[1].weight, std=0.01, generator=generator)
         nn.init.zeros_(self[1].bias)
 
 
@@ -63,18 +63,21 @@ def train_linear_probe(
 ) -> LinearProbe:
     """Train a probe on features (N, D) with labels (N,) in [0, num_classes); returns it in eval mode.
 
-    Batches are drawn from a seeded permutation per epoch, the last partial batch dropped (as MAE's
-    loader), and at least one batch (the whole set) per epoch. Runs on the features' device.
+    `seed` fixes the initial weights and the batches, drawn from a permutation per epoch with the last
+    partial batch dropped (as MAE's loader), and at least one batch (the whole set) per epoch. Runs on the
+    features' device.
     """
     device = features.device
     num_samples = features.shape[0]
     step_batch = min(batch_size, num_samples)
     steps_per_epoch = num_samples // step_batch
     peak = base_lr * batch_size / 256
-    probe = LinearProbe(features.shape[1], num_classes).to(device)
+    # One seeded stream for the initial weights and the batch order: the same features and seed give the
+    # same probe in any process.
+    generator = torch.Generator().manual_seed(seed)
+    probe = LinearProbe(features.shape[1], num_classes, generator).to(device)
     optimizer = lars_optimizer(probe, peak)
     schedule = WarmupCosine(peak, 0.0, warmup_epochs, epochs, steps_per_epoch)
-    generator = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
     probe.train()
     step = 0
