@@ -41,8 +41,11 @@ def curriculum_factor(
     if schedule == "easy_to_hard":
         return _easy_to_hard(epoch, total_epochs, epoch_fraction, smooth)
     if schedule == "hard_to_easy":
-        # Partner and adversary swapped; for an even E this is also easy_to_hard played backwards.
-        return -_easy_to_hard(epoch, total_epochs, epoch_fraction, smooth)
+        # easy_to_hard played backwards (SPEC: "reversed"). Per epoch that is the reference value of epoch
+        # E-1-e, which equals -lambda(e) only for an even E; for the smooth line, reversal is negation.
+        if smooth:
+            return -_easy_to_hard(epoch, total_epochs, epoch_fraction, smooth)
+        return _easy_to_hard(total_epochs - 1 - epoch, total_epochs, 0.0, smooth)
     constants = {"partner": 1.0, "neutral": 0.0, "adversary": -1.0}
     if schedule in constants:
         return constants[schedule]

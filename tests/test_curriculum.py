@@ -35,6 +35,9 @@ def test_hard_to_easy_is_the_reverse():
     values = [curriculum_factor(e, E, schedule="hard_to_easy") for e in range(E)]
     assert values == pytest.approx([-v for v in REFERENCE_E200], abs=1e-12)
     assert values == pytest.approx(REFERENCE_E200[::-1], abs=1e-12)
+    # For an odd E, reversing is not negating: E = 3 gives easy_to_hard 1, 1/3, -1.
+    assert [curriculum_factor(e, 3) for e in range(3)] == pytest.approx([1, 1 / 3, -1])
+    assert [curriculum_factor(e, 3, schedule="hard_to_easy") for e in range(3)] == pytest.approx([-1, 1 / 3, 1])
 
 
 @pytest.mark.parametrize(("schedule", "value"), [("partner", 1.0), ("neutral", 0.0), ("adversary", -1.0)])
