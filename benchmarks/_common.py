@@ -21,6 +21,17 @@ from clmae.method import cmm_step, mae_step
 from clmae.models import build_models
 
 
+def add_iteration_arguments(parser, iters: int, iters_help: str) -> None:
+    """The options of the scripts that run `build_iterations`: which models, what batch, which device."""
+    from clmae.config import MODEL_NAMES
+
+    parser.add_argument("--models", nargs="+", default=["vit_tiny", "vit_base_patch16"], choices=MODEL_NAMES)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per iteration")
+    parser.add_argument("--iters", type=int, default=iters, help=iters_help)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (for CUDA; slow on most CPUs)")
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

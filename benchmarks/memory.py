@@ -41,9 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import build_iterations, peak_rss_bytes, reset_peak_rss, rss_bytes, synchronize
-
-from clmae.config import MODEL_NAMES
+from _common import add_iteration_arguments, build_iterations, peak_rss_bytes, reset_peak_rss, rss_bytes, synchronize
 
 METHODS = ("mae", "clmae")
 LABELS = {"mae": "MAE", "clmae": "CL-MAE"}
@@ -52,11 +50,7 @@ MIB = 2**20
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["vit_tiny", "vit_base_patch16"], choices=MODEL_NAMES)
-    parser.add_argument("--batch-size", type=int, default=8, help="images per iteration")
-    parser.add_argument("--iters", type=int, default=2, help="measured iterations, after a first unmeasured one")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (for CUDA; slow on most CPUs)")
+    add_iteration_arguments(parser, iters=2, iters_help="measured iterations, after a first unmeasured one")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     # Internal: measure one (model, method) in this process and write the result to a JSON file.
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "METHOD", "RESULT"), help=argparse.SUPPRESS)

@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import build_iterations, synchronize
+from _common import add_iteration_arguments, build_iterations, synchronize
 
-from clmae.config import MODEL_NAMES, load_config
+from clmae.config import load_config
 from clmae.method import iteration_flops
 
 # The target of issue 3: no cost beyond the method's arithmetic, within 10 %.
@@ -29,11 +29,7 @@ MAX_OVERHEAD = 1.1
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["vit_tiny", "vit_base_patch16"], choices=MODEL_NAMES)
-    parser.add_argument("--batch-size", type=int, default=8, help="images per iteration")
-    parser.add_argument("--iters", type=int, default=3, help="timed iterations of each kind (after a counted one)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (for CUDA; slow on most CPUs)")
+    add_iteration_arguments(parser, iters=3, iters_help="timed iterations of each kind (after a counted one)")
     return parser.parse_args()
 
 
