@@ -225,11 +225,14 @@ def _pin_op_build_environment() -> None:
     torch runs whichever `ninja` comes first on PATH, and ninja 1.13 (the venv's, a DeepSpeed dependency)
     hashes build commands differently from 1.11 (a distribution's): launches with and without the venv on
     PATH then rebuild the op for each other every time, 1-3 minutes per launch. The venv's ninja goes first.
+    Only a virtual environment's bin directory is moved: a system interpreter's (/usr/bin) would shadow
+    the tools a user put before it.
     """
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     env_bin = os.path.dirname(sys.executable)
     path = os.environ.get("PATH", "")
-    if os.path.isfile(os.path.join(env_bin, "ninja")) and path.split(os.pathsep)[0] != env_bin:
+    in_venv = sys.prefix != sys.base_prefix
+    if in_venv and os.path.isfile(os.path.join(env_bin, "ninja")) and path.split(os.pathsep)[0] != env_bin:
         os.environ["PATH"] = os.pathsep.join([env_bin, path]) if path else env_bin
 
 
