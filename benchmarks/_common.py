@@ -8,10 +8,15 @@ they are run by path (`python benchmarks/NAME.py` puts benchmarks/ first on sys.
 
 from __future__ import annotations
 
+import json
 import re
 import resource
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -112,6 +117,26 @@ def build_iterations(
         mae_iteration=mae_iteration,
         clmae_iteration=clmae_iteration if cmm is not None else None,
     )
+
+
+def run_in_fresh_process(
+    script: str, worker_args: list[str], env: dict[str, str] | None = None, timeout: float | None = None
+) -> tuple[dict | None, int, str]:
+    """Run `script` with `worker_args` + `--result FILE` in a new Python process, so that no memory carries
+    over between measurements. Returns (the JSON the worker wrote to FILE, or None; its exit code; the tail
+    of its output). The result is read even after a non-zero exit: a crash while exiting does not void it.
+    Raises subprocess.TimeoutExpired after `timeout` seconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        proc = subprocess.run(
+            [sys.executable, script, *worker_args, "--result", str(result)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        record = json.loads(result.read_text()) if result.is_file() else None
+        return record, proc.returncode, (proc.stdout + proc.stderr)[-4000:]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -117,10 +117,7 @@ class Stages:
 
     def command(self, name: str, argv: list[str], **env: str) -> None:
         started = time.perf_counter()
-        try:
-            run(name, argv, **env)
-        except SystemExit as exc:  # clmae.demo.run's message: "demo: '<stage>' failed with exit code N"
-            sys.exit(f"compare_masking: {str(exc.code).removeprefix('demo: ')}")
+        run(name, argv, program="compare_masking", **env)
         self.record(name, time.perf_counter() - started)
 
     def record(self, name: str, seconds: float) -> None:

@@ -47,13 +47,12 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from _common import peak_rss_bytes, reset_peak_rss, rss_bytes, synchronize
+from _common import peak_rss_bytes, reset_peak_rss, rss_bytes, run_in_fresh_process, synchronize
 
 from clmae.config import MODEL_NAMES, Config, load_config
 from clmae.method import iteration_flops
@@ -251,21 +250,18 @@ def worker_env(device: str) -> dict[str, str]:
 
 def call_worker(kind: str, args: argparse.Namespace, **options) -> dict:
     """Run one worker in a fresh process; its result, {"oom": True, ...}, or {"error": ..., "output": ...}."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--result", str(result)]
-        command += ["--device", args.device, "--dtype", args.dtype, "--matmul-size", str(args.matmul_size)]
-        for name, value in options.items():
-            command += [f"--{name.replace('_', '-')}", str(value)]
-        try:
-            proc = subprocess.run(
-                command, env=worker_env(args.device), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S
-            )
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {WORKER_TIMEOUT_S} s", "output": ""}
-        if result.is_file():  # written before teardown: a crash while exiting does not void it
-            return json.loads(result.read_text())
-        return {"error": f"exit code {proc.returncode}", "output": (proc.stdout + proc.stderr)[-4000:]}
+    command = ["--worker", kind, "--device", args.device, "--dtype", args.dtype, "--matmul-size", str(args.matmul_size)]
+    for name, value in options.items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
+    try:
+        record, code, output = run_in_fresh_process(
+            os.path.abspath(__file__), command, env=worker_env(args.device), timeout=WORKER_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {WORKER_TIMEOUT_S} s", "output": ""}
+    if record is not None:
+        return record
+    return {"error": f"exit code {code}", "output": output}
 
 
 def timed_run(model: str, method: str, args: argparse.Namespace, batch: int, iters: int, warmup: int) -> dict:

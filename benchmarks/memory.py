@@ -34,14 +34,20 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _common import add_iteration_arguments, build_iterations, peak_rss_bytes, reset_peak_rss, rss_bytes, synchronize
+from _common import (
+    add_iteration_arguments,
+    build_iterations,
+    peak_rss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+    run_in_fresh_process,
+    synchronize,
+)
 
 METHODS = ("mae", "clmae")
 LABELS = {"mae": "MAE", "clmae": "CL-MAE"}
@@ -53,7 +59,8 @@ def parse_args() -> argparse.Namespace:
     add_iteration_arguments(parser, iters=2, iters_help="measured iterations, after a first unmeasured one")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     # Internal: measure one (model, method) in this process and write the result to a JSON file.
-    parser.add_argument("--worker", nargs=3, metavar=("MODEL", "METHOD", "RESULT"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -116,16 +123,12 @@ def measure(name: str, method: str, batch_size: int, iters: int, device: torch.d
 
 def run_fresh(name: str, method: str, args: argparse.Namespace) -> dict:
     """`measure` in a new Python process (a process's peak RSS never goes down)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        command = [sys.executable, os.path.abspath(__file__), "--worker", name, method, str(result)]
-        command += ["--batch-size", str(args.batch_size), "--iters", str(args.iters), "--device", args.device]
-        command += ["--bf16"] if args.bf16 else []
-        proc = subprocess.run(command, capture_output=True, text=True)
-        if proc.returncode != 0 or not result.is_file():
-            output = proc.stdout[-3000:] + proc.stderr[-3000:]
-            sys.exit(f"error: {name} {method} failed (exit {proc.returncode}):\n{output}")
-        return json.loads(result.read_text())
+    command = ["--worker", name, method, "--batch-size", str(args.batch_size), "--iters", str(args.iters)]
+    command += ["--device", args.device] + (["--bf16"] if args.bf16 else [])
+    record, code, output = run_in_fresh_process(os.path.abspath(__file__), command)
+    if code != 0 or record is None:
+        sys.exit(f"error: {name} {method} failed (exit {code}):\n{output}")
+    return record
 
 
 def print_table(rows: list[dict]) -> None:
@@ -162,9 +165,9 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     if args.worker:
-        name, method, result = args.worker
+        name, method = args.worker
         record = measure(name, method, args.batch_size, args.iters, device, args.bf16)
-        Path(result).write_text(json.dumps(record))
+        args.result.write_text(json.dumps(record))
         return
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device is visible; use --device cpu")

@@ -25,13 +25,13 @@ DATA = Path("data/digits")
 RUN = Path("runs/demo")
 
 
-def run(step: str, argv: list[str], **env: str) -> None:
-    """One stage as a subprocess, its output streamed; a failure stops the demo naming the stage."""
+def run(step: str, argv: list[str], program: str = "demo", **env: str) -> None:
+    """One stage as a subprocess, its output streamed; a failure stops `program` naming the stage."""
     print(f"\n=== {step}: {' '.join(argv)}", flush=True)
     started = time.perf_counter()
     result = subprocess.run(argv, env={**os.environ, **env})
     if result.returncode != 0:
-        sys.exit(f"demo: '{step}' failed with exit code {result.returncode}")
+        sys.exit(f"{program}: '{step}' failed with exit code {result.returncode}")
     print(f"=== {step}: done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
