@@ -15,7 +15,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["clmae", "clmae.*", "data_prep", "data_prep.*"]),
-    package_data={"clmae": ["configs/*.yaml"]},
+    # The run configs and the DeepSpeed configs ship inside the package, so that a non-editable install
+    # (`pip install .` into a cluster's conda env) finds them by name; ds_configs/ at the top is a link to them.
+    package_data={"clmae": ["configs/*.yaml", "ds_configs/*.json"]},
     # Ranges seen working together (see docs/python-stack notes in the README). torch is a range, not a
     # build: `make setup TORCH_SPEC=...` picks the CPU/CUDA build, pip keeps whatever is installed.
     install_requires=[

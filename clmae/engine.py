@@ -29,7 +29,8 @@ from torch import nn
 
 from clmae.config import Config, ConfigError, OptimConfig
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+# Package data (found in a non-editable install too); `ds_configs/` at the repository root links here.
+DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
 
 # Parameters that MAE excludes from weight decay besides biases and norms (all 1-D).
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed")

@@ -9,7 +9,7 @@
 #
 # Environment (exported by sbatch):
 #   CLMAE_ROOT     repository checkout                (default: the submit directory)
-#   PYTHON         interpreter with clmae installed   (default: $CLMAE_ROOT/.venv/bin/python)
+#   PYTHON         interpreter with clmae installed   (default: $CLMAE_ROOT/.venv/bin/python, else python3)
 #   IMAGENET_ROOT  folder with train/ and val/ (synset folders, or val/ flat + LOC_val_solution.csv)
 #                  (default: $CLMAE_ROOT/data/imagenet-raw)
 #   OUT_DIR        output folder                      (default: $CLMAE_ROOT/data/imagenet)
@@ -28,16 +28,14 @@
 set -euo pipefail
 
 CLMAE_ROOT=${CLMAE_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
-PYTHON=${PYTHON:-$CLMAE_ROOT/.venv/bin/python}
 IMAGENET_ROOT=${IMAGENET_ROOT:-$CLMAE_ROOT/data/imagenet-raw}
 OUT_DIR=${OUT_DIR:-$CLMAE_ROOT/data/imagenet}
 PREP_ARGS=${PREP_ARGS:-}
 OVERWRITE=${OVERWRITE:-0}
-SETUP_CMD=${SETUP_CMD:-}
 
-if [[ -n $SETUP_CMD ]]; then
-    eval "$SETUP_CMD"
-fi
+# shellcheck source=slurm/lib/python.sh
+source "$CLMAE_ROOT/slurm/lib/python.sh"
+clmae_setup_python
 read -r -a extra <<<"$PREP_ARGS"
 [[ $OVERWRITE == 1 ]] && extra+=(--overwrite)
 

@@ -26,16 +26,14 @@
 set -euo pipefail
 
 CLMAE_ROOT=${CLMAE_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
-PYTHON=${PYTHON:-$CLMAE_ROOT/.venv/bin/python}
 RUN_DIR=${RUN_DIR:?set RUN_DIR to the pre-training run directory, e.g. RUN_DIR=runs/clmae_vith sbatch slurm/eval.sh}
 PROTOCOLS=${PROTOCOLS:-knn fewshot linprobe}
 DATA_DIR=${DATA_DIR:-}
 OVERRIDES=${OVERRIDES:-}
-SETUP_CMD=${SETUP_CMD:-}
 
-if [[ -n $SETUP_CMD ]]; then
-    eval "$SETUP_CMD"
-fi
+# shellcheck source=slurm/lib/python.sh
+source "$CLMAE_ROOT/slurm/lib/python.sh"
+clmae_setup_python
 read -r -a override_args <<<"$OVERRIDES"
 if [[ -n $DATA_DIR ]]; then
     override_args+=("data.train_path=$DATA_DIR/train.beton" "data.val_path=$DATA_DIR/val.beton")

@@ -10,7 +10,7 @@
 # Everything site-specific is an environment variable (exported by sbatch) or an sbatch option:
 #   --partition / --account / --nodes / --time   sbatch options (command line beats the headers below)
 #   CLMAE_ROOT   repository checkout                     (default: the submit directory)
-#   PYTHON       interpreter with clmae installed        (default: $CLMAE_ROOT/.venv/bin/python)
+#   PYTHON       interpreter with clmae installed        (default: $CLMAE_ROOT/.venv/bin/python, else python3 after SETUP_CMD)
 #   DATA_DIR     directory with train.beton and val.beton (default: $CLMAE_ROOT/data/imagenet)
 #   OUTPUT_DIR   where run directories go               (default: $CLMAE_ROOT/runs)
 #   RUN_NAME     run directory name = resume key         (default: the job name, clmae-vitb)

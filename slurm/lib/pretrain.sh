@@ -29,7 +29,6 @@ forward_signal() {
 trap forward_signal USR1 TERM
 
 CLMAE_ROOT=${CLMAE_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
-PYTHON=${PYTHON:-$CLMAE_ROOT/.venv/bin/python}
 OUTPUT_DIR=${OUTPUT_DIR:-$CLMAE_ROOT/runs}
 RUN_NAME=${RUN_NAME:-${SLURM_JOB_NAME:-clmae}}
 DATA_DIR=${DATA_DIR:-$CLMAE_ROOT/data/imagenet}
@@ -37,7 +36,6 @@ DS_CONFIG=${DS_CONFIG:-zero2_bf16}
 OVERRIDES=${OVERRIDES:-}
 MAX_CRASH_RETRIES=${MAX_CRASH_RETRIES:-2}
 REQUEUE=${REQUEUE:-1}  # 0: never requeue (slurm/submit_chain.sh chains jobs instead)
-SETUP_CMD=${SETUP_CMD:-}
 EXIT_REQUEUE=75
 
 RUN_DIR=$OUTPUT_DIR/$RUN_NAME
@@ -45,14 +43,9 @@ CRASH_COUNT_FILE=$RUN_DIR/.slurm_crash_count
 mkdir -p "$RUN_DIR"
 
 
-if [[ -n $SETUP_CMD ]]; then
-    log "setup: $SETUP_CMD"
-    eval "$SETUP_CMD"
-fi
-if [[ ! -x $PYTHON ]]; then
-    log "error: no Python interpreter at PYTHON=$PYTHON (run 'make setup' in $CLMAE_ROOT, or set PYTHON)"
-    exit 2
-fi
+# shellcheck source=slurm/lib/python.sh
+source "$CLMAE_ROOT/slurm/lib/python.sh"
+clmae_setup_python || exit 2
 
 
 read -r -a override_args <<<"$OVERRIDES"
