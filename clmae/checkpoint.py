@@ -162,7 +162,9 @@ def save(run_dir: str | os.PathLike, engines: dict[str, Any], client_state: Clie
         path.mkdir(parents=True)
     _barrier()
     for name, engine in engines.items():
-        engine.save_checkpoint(str(path / name), tag=ENGINE_TAG, save_latest=False)
+        # save_latest: each engine directory gets DeepSpeed's own `latest` (naming ENGINE_TAG), so that the
+        # zero_to_fp32.py DeepSpeed copies into it opens it without `--tag`; our resume never reads that file.
+        engine.save_checkpoint(str(path / name), tag=ENGINE_TAG, save_latest=True)
     (path / "rng").mkdir(exist_ok=True)
     torch.save(capture_rng_state(), path / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0 and faults.armed("kill_in_save", client_state.global_step):

@@ -15,6 +15,7 @@ metadata) or `.pth` / `.pt` (a plain state dict for `torch.load(..., weights_onl
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,6 +289,9 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, what: str = "e
         "clmae.global_step": str(client.global_step),
         "clmae.pretrain_run_id": client.mlflow_run_id or "",
         "timm.model_name": kwargs["model_name"],
+        # The complete timm.create_model arguments: the file alone says how to build the model it loads into,
+        # sizes included (the CPU-sized vit_tiny is not what its timm name implies).
+        "timm.create_model_kwargs": json.dumps(kwargs, sort_keys=True),
     }
     mae_state = consolidated_state_dict(step_dir, "mae") if {"encoder", "mae"} & set(targets) else None
     written = {}

@@ -99,3 +99,37 @@ def test_export_refuses_to_overwrite_and_missing_checkpoints(pretrained_runs, tm
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr
     assert existing.read_bytes() == b"keep me"
     assert not (tmp_path / "x.pth").exists() and not (tmp_path / "y.pth").exists()
+
+
+def test_safetensors_metadata_alone_builds_the_timm_model(pretrained_runs, tmp_path):
+    """A user with only the file: its metadata holds the complete timm.create_model arguments."""
+    import json
+
+    from safetensors import safe_open
+
+    out = tmp_path / "encoder.safetensors"
+    assert export_main([str(pretrained_runs["zero2"]), "--out", str(out)]) == 0
+    with safe_open(str(out), framework="pt") as handle:
+        kwargs = json.loads(handle.metadata()["timm.create_model_kwargs"])
+    assert kwargs == timm_encoder_kwargs("vit_tiny", 32)
+    model = timm.create_model(**kwargs)
+    model.load_state_dict(load_file(str(out)), strict=True)
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeeds_own_zero_to_fp32_opens_each_engine_directory_without_flags(pretrained_runs, tmp_path, stage):
+    """DeepSpeed's recovery script, as it copies it into every engine directory, run with no `--tag`."""
+    step_dir = find_latest(pretrained_runs[stage])
+    for engine in ("mae", "cmm"):
+        script = step_dir / engine / "zero_to_fp32.py"
+        out = tmp_path / stage / engine
+        result = subprocess.run(
+            [sys.executable, str(script), str(step_dir / engine), str(out), "--safe_serialization"],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        recovered = load_file(str(out / "model.safetensors"))
+        expected = consolidated_state_dict(step_dir, engine)
+        assert recovered.keys() == expected.keys()
+        assert all(torch.equal(recovered[k].float(), expected[k]) for k in expected)
