@@ -22,7 +22,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from clmae.checkpoint import checkpoint_root, consolidated_state_dict, find_latest, read_client_state
+from clmae.checkpoint import checkpoint_root, find_latest, read_client_state
+from clmae.weights import consolidated_state_dict
 
 STEPS = 6
 pytestmark = pytest.mark.distributed
