@@ -1,18 +1,20 @@
-"""Checkpoints: both engines' ZeRO-sharded states under one step tag, plus the run's client state.
+"""Checkpoints: every engine's ZeRO-sharded state under one step tag, plus the run's client state.
 
 Layout of a run directory:
 
     <run_dir>/checkpoints/
         step_000001200/
             mae/state/...        DeepSpeed files of the MAE engine (one shard per rank)
-            cmm/state/...        DeepSpeed files of the masking module's engine
+            cmm/state/...        DeepSpeed files of the masking strategy's module (clmae/masking.py), if any
             rng/rank_00000.pt    RNG states of every rank (torch, CUDA, numpy, python)
             client_state.json    epoch, step, global step, curriculum, loader position, MLflow run id, config
             COMPLETE             written last: a directory without it is an interrupted save
         latest                   name of the newest complete step directory, replaced atomically
 
 A crash or `kill -9` during a save leaves a directory without COMPLETE and an unchanged `latest`, so
-`resume: auto` always finds a whole checkpoint. Every function here is collective: all ranks call it.
+`resume: auto` always finds a whole checkpoint. `save` and `load` are collective: every rank calls them
+(they wait for each other). The other functions only read (or, `prune`, delete) files on the calling rank.
+Reading weights out of a checkpoint, for export and evaluation, is clmae/weights.py's.
 """
 
 from __future__ import annotations
