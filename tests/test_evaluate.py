@@ -226,9 +226,9 @@ def test_classes_must_match_between_train_and_val(digits, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def clmae_eval(*args: str) -> subprocess.CompletedProcess:
+def clmae_eval(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-m", "clmae.evaluate", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "clmae.evaluate", *args], capture_output=True, text=True, timeout=600, env=env
     )
     return result
 
@@ -275,6 +275,68 @@ def test_eval_on_digits_pretrained_beats_random_init(pretrained_runs, digits, tm
         assert mlflow_run.data.tags["clmae.pretrain_run_id"] == pretrain_run_id
         assert mlflow_run.info.run_id == pretrained[protocol]["mlflow_run_id"]
     assert by_protocol["linprobe"].data.metrics["linprobe/top1"] == pytest.approx(probe["linprobe/top1"])
+
+
+@pytest.mark.distributed
+def test_protocols_end_to_end_plugin_reference_knn_and_augmented_probe(pretrained_runs, tmp_path):
+    """Through the real clmae-eval on a real run: a test-only protocol registered from tests/eval_plugin.py,
+    the reference k-NN, and the augmented probe with the reference lr rule on 2 ranks; each result file and
+    MLflow run names its protocol and settings, and the numbers are those of the protocols' functions."""
+    from tests.eval_plugin import nearest_centroid
+
+    run_dir = pretrained_runs["zero3"]  # no other test evaluates it: its MLflow store holds only these runs
+    env = {**os.environ, PLUGINS_ENV: "tests.eval_plugin:PROTOCOL", "OMP_NUM_THREADS": "1"}
+    plugin = clmae_eval("centroid", str(run_dir), "--metric", "cosine", env=env)
+    assert plugin.returncode == 0, plugin.stderr[-3000:]
+    assert "centroid_cosine/top1" in plugin.stdout
+    reference = clmae_eval("knn_reference", str(run_dir))  # a built-in one: no plugin needed
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert reference.stdout.count("cached in") == 2  # the plugin's features, not a second forward pass
+
+    eval_dir = run_dir / "eval" / "step_000000003"
+    reports = {p: json.loads((eval_dir / f"{p}.json").read_text()) for p in ("centroid", "knn_reference")}
+    assert reports["centroid"]["protocol"] == "centroid"
+    assert reports["centroid"]["settings"] == {"metric": "cosine", "feature": "cls"}
+    assert reports["knn_reference"]["settings"]["k"] == 5
+    assert "smallest class" in reports["knn_reference"]["settings"]["vote"]
+    cached = {
+        p.name.split("-")[0]: Features(**torch.load(p, weights_only=True)) for p in (eval_dir / "features").iterdir()
+    }
+    train, val = cached["train"], cached["val"]
+    predictions = nearest_centroid(train.cls, train.labels, val.cls, 10, "cosine")
+    expected = 100.0 * (predictions == val.labels).float().mean().item()
+    assert reports["centroid"]["results"] == {"centroid_cosine/top1": pytest.approx(expected)}
+    from clmae.eval.knn_reference import evaluate_reference
+
+    assert reports["knn_reference"]["results"] == pytest.approx(evaluate_reference(train, val))
+
+    out = tmp_path / "linprobe_augmented.json"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["linprobe", str(run_dir), "--augment", "--lr-rule", "reference", "--epochs", "3", "--warmup-epochs", "1"]
+    probe = subprocess.run(
+        [*launch, "-m", "clmae.evaluate", *args, "--batch-size", "256", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["protocol"] == "linprobe"
+    settings = report["settings"]
+    assert settings["lr_rule"] == "reference" and settings["peak_lr"] == 0.1 and settings["batch_size"] == 256
+    assert settings["train_images"] == "random_resized_crop_flip"
+    assert report["results"]["linprobe/top1"] > 20, report["results"]  # 10 classes: chance is 10 %
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.get_run(reports["centroid"]["pretrain_run_id"]).info.experiment_id
+    runs = {
+        r.data.tags["clmae.protocol"]: r for r in client.search_runs([experiment], "tags.`clmae.pretrain_run_id` != ''")
+    }
+    assert set(runs) == {"centroid", "knn_reference", "linprobe"}
+    assert runs["centroid"].data.params["eval.metric"] == "cosine"
+    assert runs["centroid"].data.metrics["centroid_cosine/top1"] == pytest.approx(expected)
+    assert runs["linprobe"].data.params["eval.lr_rule"] == "reference"
 
 
 @pytest.mark.distributed
