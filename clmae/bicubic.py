@@ -37,7 +37,7 @@ SUPPORT = 2.0  # input pixels on each side of the centre, before stretching
 A = -0.5  # Keys' parameter, as Pillow's BICUBIC (and torchvision's antialiased bicubic)
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def cubic(x: float) -> float:
     """Keys' cubic convolution kernel with a = -0.5: 1 at 0, 0 at the other integers, 0 from |x| = 2."""
     x = abs(x)
@@ -48,7 +48,7 @@ def cubic(x: float) -> float:
     return 0.0
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def filter_taps(in_size: int, in0: float, in1: float, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The taps of resampling the input span [in0, in1) of a line of `in_size` pixels to `out_size` pixels.
 
@@ -82,13 +82,13 @@ def filter_taps(in_size: int, in0: float, in1: float, out_size: int) -> tuple[np
     return first, count, weights
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def _clip8(accumulator: int) -> np.uint8:
     """Pillow's clip8: the fixed-point sum (rounding half included) as a byte, saturated."""
     return np.uint8(min(max(accumulator >> PRECISION_BITS, 0), 255))
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def _horizontal(source, first, count, weights, out):
     """out[r, x] = sum over taps t of source[r, first[x] + t] * weights[x, t], rounded and clipped to uint8.
 
@@ -106,7 +106,7 @@ def _horizontal(source, first, count, weights, out):
             out[r, x, 0], out[r, x, 1], out[r, x, 2] = _clip8(red), _clip8(green), _clip8(blue)
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def _vertical(source, row0, col0, first, count, weights, out):
     """out[y] = sum over taps t of source[row0 + first[y] + t, col0:col0 + out_w] * weights[y, t], rounded
     and clipped to uint8.
@@ -126,7 +126,7 @@ def _vertical(source, row0, col0, first, count, weights, out):
             out[y, k] = _clip8(accumulator[k])
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def vertical_first(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
     """Pillow >= 13's choice of pass order: vertical first when the height shrinks by more than twice as
     many pixels as the width does (cheaper). The order matters only through the rounding and clipping
@@ -134,7 +134,7 @@ def vertical_first(in_w: int, in_h: int, out_w: int, out_h: int) -> bool:
     return in_h > out_h and in_h - out_h > 2 * (in_w - out_w)
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def resize_crop_bicubic(source, row0, row1, col0, col1, destination, scratch):
     """destination = the crop source[row0:row1, col0:col1] resized to destination's size, as Pillow's
     `Image.fromarray(source).crop((col0, row0, col1, row1)).resize(size, Image.BICUBIC)`.

@@ -164,10 +164,11 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
         mem_read = self.memory_read
         parallel_range = Compiler.get_iterator()
         imdecode_c, resize_c = Compiler.compile(imdecode), _resize_function(self.interpolation)
-        get_crop_c, mirror_c, batch_key_c = (
+        get_crop_c, mirror_c, batch_key_c, image_seed_c = (
             Compiler.compile(self.get_crop_generator),
             Compiler.compile(_mirror),
             Compiler.compile(_batch_key),
+            Compiler.compile(_image_seed),
         )
         scale, ratio, flip_prob, seed = self.scale, self.ratio, self.flip_prob, np.uint64(self.seed)
 
@@ -175,8 +176,7 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
             destination, temp_storage, scratch = my_storage
             key = batch_key_c(seed, batch_indices)
             for dst_ix in parallel_range(len(batch_indices)):
-                # numba's generator of this thread, seeded for this image only (uint32 seeds).
-                np.random.seed(np.uint32((key + np.uint64(dst_ix) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)))
+                np.random.seed(image_seed_c(key, dst_ix))  # numba's generator of this thread, for this image only
                 field = metadata[batch_indices[dst_ix]]
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
@@ -228,6 +228,11 @@ def _batch_key(seed, batch_indices):
     for index in batch_indices:
         key = (key ^ np.uint64(index)) * np.uint64(0x100000001B3)
     return key
+
+
+def _image_seed(key, position):
+    """The uint32 seed (numba's np.random.seed takes no more) of the image at `position` in a batch."""
+    return np.uint32((key + np.uint64(position) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32))
 
 
 def _mirror(image):
