@@ -97,6 +97,7 @@ class DataConfig:
     os_cache: bool
     crop_scale: tuple[float, float]
     eval_crop_ratio: float
+    interpolation: Literal["bicubic", "area"]
 
 
 @dataclass

@@ -2,14 +2,14 @@
 
 Pre-training batches (SPEC section 6): RandomResizedCrop(img_size, scale=data.crop_scale, ratio (3/4, 4/3)),
 horizontal flip, ImageNet mean/std; images float32 (B, 3, H, W), labels int64 (B,); the last partial batch
-of a rank is dropped. Interpolation: FFCV 1.0.2's crop decoders resize with OpenCV's INTER_AREA, hard-coded
-in its C extension (`resize` in libffcv takes no interpolation argument), so the MAE recipe's bicubic cannot
-be selected. INTER_AREA averages source pixels when shrinking (anti-aliased; the usual case for ImageNet
-crops) and interpolates bilinearly when enlarging.
+of a rank is dropped. Interpolation (`data.interpolation`): `bicubic` resamples each crop as the recipe's
+torchvision RandomResizedCrop does on PIL images, `crop(box).resize(size, BICUBIC)`: antialiased, bit-exact
+with Pillow (clmae/bicubic.py). `area` is what FFCV 1.0.2's own crop decoders do, OpenCV's INTER_AREA
+hard-coded in its C extension: averages source pixels when shrinking, bilinear when enlarging.
 
 Evaluation batches: the centre square of `data.eval_crop_ratio` of the shorter side resized to img_size
-(the same pixels as resize to img_size / ratio then centre crop: 256 -> 224), no augmentation, every sample
-of the rank's share exactly once, in file order.
+with the same interpolation (about the pixels of resize to img_size / ratio then centre crop: 256 -> 224),
+no augmentation, every sample of the rank's share exactly once, in file order.
 
 Device: on CPU everything stays on CPU and images are contiguous NCHW, normalised and transposed in one
 compiled pass (`_NormalizeToCHW`); the flip happens in the crop decoder.
@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from clmae.bicubic import resize_crop_bicubic, scratch_bytes
 from clmae.specs import IMAGENET_MEAN, IMAGENET_STD, model_image_size
 
 if TYPE_CHECKING:
@@ -64,8 +65,15 @@ def _keep_torch_threads():
 
 
 with _keep_torch_threads():  # importing FFCV sets torch's thread count to 1
-    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
-    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop, imdecode, resize_crop
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.fields.rgb_image import (
+        IMAGE_MODES,
+        ResizedCropRGBImageDecoder,
+        get_center_crop,
+        get_random_crop,
+        imdecode,
+        resize_crop,
+    )
     from ffcv.loader import Loader, OrderOption
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
@@ -74,6 +82,7 @@ with _keep_torch_threads():  # importing FFCV sets torch's thread count to 1
     from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 CROP_ASPECT_RATIO = (3 / 4, 4 / 3)
+INTERPOLATIONS = ("bicubic", "area")  # data.interpolation
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,7 +124,8 @@ class _PlannedOrder:
 
 
 class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
-    """FFCV's RandomResizedCrop decoder, plus the horizontal flip, with every random draw reproducible.
+    """FFCV's RandomResizedCrop decoder, plus the horizontal flip, with every random draw reproducible and a
+    choice of interpolation.
 
     FFCV draws crops inside numba-compiled worker threads from numba's own per-thread generators, which
     Python cannot seed: a resumed run would see other crops than an uninterrupted one. Here each image
@@ -124,36 +134,48 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
     (seed, epoch, rank, world size), so every crop and flip is too: the same after a resume, different in
     every epoch (FFCV's own MixUp seeds from the batch's indices the same way).
 
-    Output: (B, H, W, 3) uint8, as FFCV's decoder.
+    Each image is decoded (JPEG) or read in place (raw), cropped, and resized by `interpolation`:
+    "bicubic" (clmae.bicubic, Pillow's antialiased bicubic) or "area" (FFCV's OpenCV INTER_AREA).
+    The crop sampling does not depend on it. Output: (B, H, W, 3) uint8, as FFCV's decoder.
     """
 
-    def __init__(self, output_size, scale, ratio, flip_prob: float, seed: int):
+    def __init__(self, output_size, scale, ratio, flip_prob: float, seed: int, interpolation: str = "bicubic"):
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
         super().__init__(output_size)
         self.scale, self.ratio = np.array(scale), np.array(ratio)
-        self.flip_prob, self.seed = flip_prob, seed
+        self.flip_prob, self.seed, self.interpolation = flip_prob, seed, interpolation
 
     @property
     def get_crop_generator(self):
         return get_random_crop
 
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
+        state, (output, decoded) = super().declare_state_and_memory(previous_state)
+        # Per image: the bicubic passes' intermediate image (none for area, which allocates inside OpenCV).
+        height, width = self.output_size
+        size = scratch_bytes(int(self.max_height), int(self.max_width), height, width)
+        scratch = AllocationQuery((size if self.interpolation == "bicubic" else 1,), np.dtype(np.uint8))
+        return state, (output, decoded, scratch)
+
     def generate_code(self):
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         parallel_range = Compiler.get_iterator()
-        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
-        get_crop_c, mirror_c, batch_key_c = (
-            Compiler.compile(get_random_crop),
+        imdecode_c, resize_c = Compiler.compile(imdecode), _resize_function(self.interpolation)
+        get_crop_c, mirror_c, batch_key_c, image_seed_c = (
+            Compiler.compile(self.get_crop_generator),
             Compiler.compile(_mirror),
             Compiler.compile(_batch_key),
+            Compiler.compile(_image_seed),
         )
         scale, ratio, flip_prob, seed = self.scale, self.ratio, self.flip_prob, np.uint64(self.seed)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
+            destination, temp_storage, scratch = my_storage
             key = batch_key_c(seed, batch_indices)
             for dst_ix in parallel_range(len(batch_indices)):
-                # numba's generator of this thread, seeded for this image only (uint32 seeds).
-                np.random.seed(np.uint32((key + np.uint64(dst_ix) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)))
+                np.random.seed(image_seed_c(key, dst_ix))  # numba's generator of this thread, for this image only
                 field = metadata[batch_indices[dst_ix]]
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
@@ -164,7 +186,7 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
                 i, j, h, w = get_crop_c(height, width, scale, ratio)
-                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                resize_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix], scratch[dst_ix])
                 if np.random.rand() < flip_prob:
                     mirror_c(destination[dst_ix])
             return destination[: len(batch_indices)]
@@ -173,12 +195,43 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
         return decode
 
 
+class CenterCropDecoder(SeededRandomResizedCrop):
+    """Evaluation: the centre square of `ratio` of the shorter side (FFCV's centre crop), resized by
+    `interpolation`; nothing random, no flip."""
+
+    def __init__(self, output_size, ratio: float, interpolation: str = "bicubic"):
+        super().__init__(output_size, (1.0, 1.0), (1.0, 1.0), flip_prob=0.0, seed=0, interpolation=interpolation)
+        self.ratio = float(ratio)
+
+    @property
+    def get_crop_generator(self):
+        return get_center_crop
+
+
+def _resize_function(interpolation: str):
+    """A compiled `resize(source, row0, row1, col0, col1, destination, scratch)`: the crop of source
+    (H, W, 3) resized into destination (h, w, 3)."""
+    if interpolation == "bicubic":
+        return resize_crop_bicubic  # numba-compiled in clmae.bicubic, without fastmath (exact weights)
+    resize_area = Compiler.compile(resize_crop)
+
+    def resize(source, row0, row1, col0, col1, destination, scratch):
+        resize_area(source, row0, row1, col0, col1, destination)
+
+    return Compiler.compile(resize)
+
+
 def _batch_key(seed, batch_indices):
     """FNV-1a over the batch's sample ids: a 64-bit key that changes whenever the batch does."""
     key = np.uint64(0xCBF29CE484222325) ^ seed
     for index in batch_indices:
         key = (key ^ np.uint64(index)) * np.uint64(0x100000001B3)
     return key
+
+
+def _image_seed(key, position):
+    """The uint32 seed (numba's np.random.seed takes no more) of the image at `position` in a batch."""
+    return np.uint32((key + np.uint64(position) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32))
 
 
 def _mirror(image):
@@ -353,7 +406,12 @@ def build_pretrain_loader(
     """
     size = img_size or model_image_size(cfg.model)
     decoder = SeededRandomResizedCrop(
-        (size, size), scale=cfg.data.crop_scale, ratio=CROP_ASPECT_RATIO, flip_prob=0.5, seed=cfg.run.seed
+        (size, size),
+        scale=cfg.data.crop_scale,
+        ratio=CROP_ASPECT_RATIO,
+        flip_prob=0.5,
+        seed=cfg.run.seed,
+        interpolation=cfg.data.interpolation,
     )
     return _loader(cfg, env, _existing(cfg.data.train_path, "data.train_path"), decoder, device, shuffle=True)
 
@@ -369,7 +427,7 @@ def build_eval_loader(
     centre-cropped, not augmented, no sample dropped. Pass `data.train_path` for a probe's training features."""
     size = img_size or model_image_size(cfg.model)
     source = path or cfg.data.val_path
-    decoder = CenterCropRGBImageDecoder((size, size), ratio=cfg.data.eval_crop_ratio)
+    decoder = CenterCropDecoder((size, size), ratio=cfg.data.eval_crop_ratio, interpolation=cfg.data.interpolation)
     data_file = _existing(source, "data.val_path" if path is None else "evaluation data")
     return _loader(cfg, env, data_file, decoder, device, shuffle=False)
 
