@@ -29,14 +29,10 @@ def find_idx(source: Path, stem: str) -> Path:
     for candidate in (source / f"{stem}.gz", source / stem):
         if candidate.is_file():
             return candidate
-    hint = (
-        f"install the Debian package {DEBIAN_PACKAGE} (`sudo apt-get install {DEBIAN_PACKAGE}`, or `make setup`)"
-        if source == DEFAULT_SOURCE
-        else "check --source"
-    )
     raise DataPrepError(
-        f"Fashion-MNIST file {source / stem}.gz (or {stem}) not found: {hint}, or pass --source DIR with the four "
-        "IDX files from github.com/zalandoresearch/fashion-mnist"
+        f"Fashion-MNIST file {stem}.gz (or {stem}) not found in {source}: install the Debian package "
+        f"{DEBIAN_PACKAGE} (`sudo apt-get install {DEBIAN_PACKAGE}`, or `make setup`), or pass --source DIR "
+        "with the four IDX files of github.com/zalandoresearch/fashion-mnist"
     )
 
 
