@@ -179,3 +179,32 @@ def test_bad_layouts_are_one_line_errors_naming_the_file(tmp_path, case):
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert str(named) in result.stderr
     assert not list(out.glob("*.beton")) if out.exists() else True
+
+
+def test_clmae_eval_knn_with_data_on_a_downstream_folder(tmp_path):
+    """`clmae-eval knn WEIGHTS --data OUT` on converted SVHN: the dataset's transform (no normalisation) is used."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from clmae.models import build_mae
+
+    make_svhn(tmp_path / "svhn", {"train_32x32.mat": 30, "test_32x32.mat": 10})
+    out = tmp_path / "svhn_ffcv"
+    assert run_main("downstream", "svhn", tmp_path / "svhn", out, "--workers", "1") == 0
+    torch.manual_seed(0)
+    weights = tmp_path / "encoder.safetensors"
+    save_file(build_mae("vit_tiny").encoder_state_dict(), weights)
+    report = tmp_path / "knn.json"
+    command = [sys.executable, "-m", "clmae.evaluate", "knn", str(weights), "--config", "tiny_digits"]
+    result = subprocess.run(
+        [*command, "--data", str(out), "--out", str(report)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    content = json.loads(report.read_text())
+    assert content["train_path"] == str(out / "train.beton") and content["val_path"] == str(out / "val.beton")
+    assert content["num_classes"] == 10 and 0 <= content["results"]["knn_l2_k5/acc1"] <= 100
+
+    missing = subprocess.run([*command, "--data", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 2 and "no train.beton or val.beton" in missing.stderr
