@@ -53,6 +53,31 @@ def _add_common_options(group) -> None:
     group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
+def _add_fashion_parser(sub, defaults_shown: dict) -> None:
+    fashion = sub.add_parser(
+        "fashion-mnist",
+        **defaults_shown,
+        help="Fashion-MNIST (70,000 images) -> train/val .beton",
+        description="Zalando's Fashion-MNIST from its IDX files: 60,000 train images -> train.beton, the official "
+        "10,000 test images -> val.beton; 28x28 grayscale stored raw as RGB (the loader resizes). The files come "
+        "from the Debian package dataset-fashion-mnist (`make setup` installs it).",
+    )
+    fashion.add_argument("outdir", type=Path, metavar="OUTDIR")
+    fashion.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder with the four IDX files (.gz or not); "
+        "default: the Debian package's /usr/share/datasets/fashion-mnist",
+    )
+    fashion.add_argument(
+        "--subset", type=int, default=0, metavar="N", help="only N images of each split, evenly spread (tests)"
+    )
+    _add_common_options(fashion)
+    fashion.set_defaults(run=_run_fashion_mnist)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clmae-prep", description="Convert image datasets to FFCV .beton files.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -97,28 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_options(digits)
     digits.set_defaults(run=_run_digits)
 
-    fashion = sub.add_parser(
-        "fashion-mnist",
-        **defaults_shown,
-        help="Fashion-MNIST (70,000 images) -> train/val .beton",
-        description="Zalando's Fashion-MNIST from its IDX files: 60,000 train images -> train.beton, the official "
-        "10,000 test images -> val.beton; 28x28 grayscale stored raw as RGB (the loader resizes). The files come "
-        "from the Debian package dataset-fashion-mnist (`make setup` installs it).",
-    )
-    fashion.add_argument("outdir", type=Path, metavar="OUTDIR")
-    fashion.add_argument(
-        "--source",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="folder with the four IDX files (.gz or not); "
-        "default: the Debian package's /usr/share/datasets/fashion-mnist",
-    )
-    fashion.add_argument(
-        "--subset", type=int, default=0, metavar="N", help="only N images of each split, evenly spread (tests)"
-    )
-    _add_common_options(fashion)
-    fashion.set_defaults(run=_run_fashion_mnist)
+    _add_fashion_parser(sub, defaults_shown)
 
     from data_prep.downstream import add_downstream_parser
 

@@ -328,7 +328,9 @@ def add_downstream_parser(sub, parser_kwargs: dict, add_writer_options) -> None:
         "downstream",
         **parser_kwargs,
         help="the paper's downstream sets (svhn, stanford_cars, cub, mit_indoor, food101), split as the reference",
-        description=__doc__.split("\n\n")[0] + " See the README's 'Downstream datasets' for the layouts.",
+        description=__doc__.split("\n\n")[0] + " See the README's 'Downstream datasets' for the layouts. "
+        "--max-resolution -1 (default): the dataset's own (CUB: original size, required; SVHN: raw 32x32; the others "
+        "500). --subset N: N images of each split after splitting, evenly spread (a quick trial of the layout).",
     )
     parser.add_argument("name", choices=sorted(DATASETS), metavar="NAME", help=", ".join(DATASETS))
     parser.add_argument("src", type=Path, metavar="SRC", help="the dataset as distributed (see the README)")
