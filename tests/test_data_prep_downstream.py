@@ -208,3 +208,20 @@ def test_clmae_eval_knn_with_data_on_a_downstream_folder(tmp_path):
 
     missing = subprocess.run([*command, "--data", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert missing.returncode == 2 and "no train.beton or val.beton" in missing.stderr
+
+
+def test_mit_indoor_takes_the_reference_sizes_for_15620_images(tmp_path):
+    """The split is decided from the listing alone (no decoding): 15,620 empty files in 67 class folders."""
+    import argparse
+
+    from data_prep.downstream import mit_indoor
+
+    images = tmp_path / "Images"
+    for i in range(15620):
+        folder = images / f"class_{i % 67:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:05d}.jpg").touch()
+    splits = mit_indoor(tmp_path, argparse.Namespace(split_sizes=None)).splits
+    assert {name: len(split.samples) for name, split in splits.items()} == {"train": 13000, "val": 2000, "test": 620}
+    every = [sample.path for split in splits.values() for sample in split.samples]
+    assert len(set(every)) == 15620
