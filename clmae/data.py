@@ -228,17 +228,23 @@ class EvalTransform:
         spec_file = data_file.parent / EVAL_TRANSFORM_FILE
         if not spec_file.is_file():
             return cls(crop_ratio=default_crop_ratio)
-        spec = json.loads(spec_file.read_text()).get("eval_transform")
-        if spec is None:
-            return cls(crop_ratio=default_crop_ratio)
-        transform = cls(
-            mode=spec.get("mode"),
-            crop_ratio=float(spec.get("crop_ratio", 1.0)),
-            crop_pixels=int(spec.get("crop_pixels", 224)),
-            normalize=bool(spec.get("normalize", True)),
-        )
+        try:
+            spec = json.loads(spec_file.read_text()).get("eval_transform")
+            if spec is None:
+                return cls(crop_ratio=default_crop_ratio)
+            transform = cls(
+                mode=spec.get("mode"),
+                crop_ratio=float(spec.get("crop_ratio", 1.0)),
+                crop_pixels=int(spec.get("crop_pixels", 224)),
+                normalize=bool(spec.get("normalize", True)),
+            )
+        except (ValueError, TypeError, AttributeError) as err:
+            raise EvalTransformError(f"{spec_file}: not a readable eval_transform ({err})") from None
         if transform.mode not in EVAL_MODES or not 0 < transform.crop_ratio <= 1 or transform.crop_pixels < 1:
-            raise EvalTransformError(f"{spec_file}: eval_transform {spec} is not one of the modes {EVAL_MODES}")
+            raise EvalTransformError(
+                f"{spec_file}: eval_transform {spec} is invalid (mode one of {', '.join(EVAL_MODES)}; "
+                "crop_ratio in (0, 1]; crop_pixels >= 1)"
+            )
         return transform
 
     def decoder(self, size: int):
