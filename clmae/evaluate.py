@@ -5,6 +5,7 @@
     clmae-eval knn_reference runs/tiny_digits
     clmae-eval linprobe runs/tiny_digits --lr-rule reference --augment
     clmae-eval fewshot encoder.safetensors --config tiny_digits
+    clmae-eval knn runs/tiny_digits --data data/downstream/svhn     # a folder with train.beton + val.beton
     torchrun --nproc_per_node 2 -m clmae.evaluate finetune runs/tiny_digits --epochs 2
 
 CHECKPOINT is a run directory (its newest complete checkpoint), a step directory, or a weights file
@@ -55,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default=None, help="config name or YAML merged over the checkpoint's config")
         p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. data.val_path=val.beton")
         p.add_argument("--out", type=Path, default=None, help="results JSON (default: beside the checkpoint)")
+        p.add_argument(
+            "--data",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help="DIR/train.beton and DIR/val.beton as data.train_path "
+            "and data.val_path (a clmae-prep output folder; its dataset.json's eval transform applies)",
+        )
         protocol.add_arguments(p)
     return parser
 
@@ -75,7 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [item for item in rest if item.startswith("-") or "=" not in item]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*args.overrides, *rest]
+    data = []
+    if args.data is not None:  # before the overrides, so that an explicit data.*_path still wins
+        missing = [name for name in ("train.beton", "val.beton") if not (args.data / name).is_file()]
+        if missing:
+            parser.error(f"--data {args.data}: no {' or '.join(missing)} in it (write them with clmae-prep)")
+        data = [f"data.train_path={args.data / 'train.beton'}", f"data.val_path={args.data / 'val.beton'}"]
+    args.overrides = [*data, *args.overrides, *rest]
     return args
 
 
