@@ -23,8 +23,8 @@ machine and the wall time of each stage, and `results.json` + `results.md` in `-
     python benchmarks/compare_masking.py --dataset fashion  # or: make compare-masking DATASET=fashion
 
 `--dataset fashion` runs the same comparison on Fashion-MNIST (60,000 training images; config `tiny_fashion`,
-data from `clmae-prep fashion-mnist`, 2 epochs unless --epochs says otherwise): about 1 hour on 2 idle cores
-(CL-MAE ~18 min per epoch, MAE ~6 min per epoch, estimated from the measured per-image cost of this model).
+data from `clmae-prep fashion-mnist`, 2 epochs unless --epochs says otherwise): about 65 minutes on 2 idle
+cores (CL-MAE ~18 min per epoch, MAE ~6, each evaluation ~4 min; estimated from measured per-image costs).
 
 On 2 CPU cores the default run takes 15 to 20 minutes; a rerun of a finished benchmark, a few seconds. Measured
 on an otherwise idle 2-core machine: the CL-MAE pre-training takes 9.5 minutes (about 55 img/s: on this tiny
