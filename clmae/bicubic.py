@@ -89,21 +89,23 @@ def _clip8(accumulator: int) -> np.uint8:
 
 
 @njit(nogil=True, cache=True)
-def _horizontal(source, first, count, weights, out):
-    """out[r, x] = sum over taps t of source[r, first[x] + t] * weights[x, t], rounded and clipped to uint8.
+def _horizontal(source, row0, col0, first, count, weights, out):
+    """out[r, x] = sum over taps t of source[row0 + r, col0 + first[x] + t] * weights[x, t], rounded and
+    clipped to uint8, per channel.
 
-    source: (R, W, 3) uint8, any strides; out: (R, out_w, 3) uint8."""
+    Images flattened to rows of bytes (contiguous rows index fastest in numba):
+    source: (H, W * 3) uint8, C-contiguous; out: (R, out_w * 3) uint8, C-contiguous."""
     for r in range(out.shape[0]):
-        line = source[r]
-        for x in range(out.shape[1]):
-            start = first[x]
-            red = green = blue = np.int32(HALF)
+        line, out_line = source[row0 + r], out[r]
+        for x in range(out.shape[1] // 3):
+            base = (col0 + first[x]) * 3
+            red = green = blue = HALF
             for t in range(count[x]):
                 w = weights[x, t]
-                red += np.int32(line[start + t, 0]) * w
-                green += np.int32(line[start + t, 1]) * w
-                blue += np.int32(line[start + t, 2]) * w
-            out[r, x, 0], out[r, x, 1], out[r, x, 2] = _clip8(red), _clip8(green), _clip8(blue)
+                red += np.int32(line[base + 3 * t]) * w
+                green += np.int32(line[base + 3 * t + 1]) * w
+                blue += np.int32(line[base + 3 * t + 2]) * w
+            out_line[3 * x], out_line[3 * x + 1], out_line[3 * x + 2] = _clip8(red), _clip8(green), _clip8(blue)
 
 
 @njit(nogil=True, cache=True)
@@ -150,17 +152,17 @@ def resize_crop_bicubic(source, row0, row1, col0, col1, destination, scratch):
         return
     y_first, y_count, y_weights = filter_taps(height, 0.0, float(height), out_h)
     x_first, x_count, x_weights = filter_taps(width, 0.0, float(width), out_w)
+    flat_source = source.reshape(source.shape[0], source.shape[1] * 3)
+    flat_out = destination.reshape(out_h, out_w * 3)
     if vertical_first(width, height, out_w, out_h):
         columns = scratch[: out_h * width * 3].reshape(out_h, width * 3)
-        flat_source = source.reshape(source.shape[0], source.shape[1] * 3)
         _vertical(flat_source, row0, col0 * 3, y_first, y_count, y_weights, columns)
-        _horizontal(columns.reshape(out_h, width, 3), x_first, x_count, x_weights, destination)
+        _horizontal(columns, 0, 0, x_first, x_count, x_weights, flat_out)
     else:
         top, bottom = y_first[0], y_first[out_h - 1] + y_count[out_h - 1]  # the crop rows the output reads
-        rows = scratch[: (bottom - top) * out_w * 3].reshape(bottom - top, out_w, 3)
-        _horizontal(source[row0 + top : row0 + bottom, col0:col1], x_first, x_count, x_weights, rows)
-        flat_out = destination.reshape(out_h, out_w * 3)
-        _vertical(rows.reshape(bottom - top, out_w * 3), 0, 0, y_first - top, y_count, y_weights, flat_out)
+        rows = scratch[: (bottom - top) * out_w * 3].reshape(bottom - top, out_w * 3)
+        _horizontal(flat_source, row0 + top, col0, x_first, x_count, x_weights, rows)
+        _vertical(rows, 0, 0, y_first - top, y_count, y_weights, flat_out)
 
 
 def scratch_bytes(max_height: int, max_width: int, out_h: int, out_w: int) -> int:
