@@ -217,7 +217,10 @@ def test_eval_loader_applies_the_datasets_recorded_transform(tmp_path, transform
     )
     (tmp_path / "dataset.json").write_text(json.dumps({"eval_transform": transform}))
     size = len(expected_columns)
-    images, _ = next(build_eval_loader(make_config(path), rank_env(0, 1), img_size=size).iterate_epoch(0))
+    # The box each mode takes is what is under test: `area` resizes stripes without blending them across the
+    # box's columns (bicubic's antialiasing mixes neighbours; tests/test_bicubic.py covers that filter).
+    cfg = make_config(path, "data.interpolation=area")
+    images, _ = next(build_eval_loader(cfg, rank_env(0, 1), img_size=size).iterate_epoch(0))
     pixels = images[0].double()
     if transform["normalize"]:
         mean, std = torch.tensor(IMAGENET_MEAN).double(), torch.tensor(IMAGENET_STD).double()
