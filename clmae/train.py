@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from clmae import watchdog
 from clmae.cli import add_config_arguments, run_main
 
 EXIT_REQUEUE = 75  # sysexits EX_TEMPFAIL: "try again later", what a preempted run asks of its scheduler
@@ -33,6 +34,7 @@ _stop_signal: list[int] = []
 
 def _request_stop(signum, _frame) -> None:
     _stop_signal.append(signum)
+    watchdog.signalled()  # a rank that cannot reach the step boundary within the grace period dumps and exits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +174,7 @@ def train(cfg) -> int:
 
         # ---- the loop ---------------------------------------------------------------------------------
         timer = _StepTimer(device)
+        watchdog.start(cfg.dist, env.rank)
         window: dict[str, torch.Tensor] = {}
         window_steps, window_start = 0, time.perf_counter()
         while epoch < cfg.train.epochs:
@@ -189,6 +192,8 @@ def train(cfg) -> int:
                 )
                 micro_batches = [next(batches)[0].to(engines.dtype) for _ in range(accum)]
                 poison = env.rank == env.world_size - 1 and faults.armed("nan_loss", global_step + 1)
+                if env.rank == env.world_size - 1 and faults.armed("hang", global_step + 1):
+                    faults.hang_forever()
                 metrics = optimizer_step(engines, micro_batches, lam, cfg, timer, poison_mae_loss=poison)
                 step_in_epoch += 1
                 global_step += 1
@@ -199,6 +204,7 @@ def train(cfg) -> int:
                 values = torch.stack([metrics[n].float() for n in names])
                 status = torch.cat([(~torch.isfinite(values)).float(), torch.tensor([float(bool(_stop_signal))])])
                 tdist.all_reduce(status, op=tdist.ReduceOp.MAX)
+                watchdog.step_done()
                 bad = [n for n, flag in zip(names, status[:-1].tolist(), strict=True) if flag]
                 if bad:
                     raise TrainingDiverged(
@@ -268,6 +274,7 @@ def train(cfg) -> int:
             tracker.finish("FAILED")
         return 1
     finally:
+        watchdog.stop()
         dist.shutdown()
 
 
