@@ -6,7 +6,8 @@ thread per rank watches the optimiser steps instead:
 
 - Step timeout (`dist.step_timeout_s`): if no optimiser step completes within it, the rank writes a
   header and the stacks of all its threads (faulthandler) to stderr, every line tagged `[rank R]`, and
-  exits with EXIT_HUNG. The peers are stuck too (they wait for it), so their own watchdogs fire within the
+  exits with EXIT_HUNG. (A fixed timeout applies from the second step of a start; the first gets at least
+  STARTUP_TIMEOUT_S.) The peers are stuck too (they wait for it), so their own watchdogs fire within the
   same poll interval; each waits a few seconds after its dump before exiting, so that its exit does not
   break a peer's socket before that peer has dumped. The time between two steps includes whatever the
   loop does there (logging, a checkpoint save). `null` (the default) derives it: 1800 s until
@@ -71,7 +72,10 @@ class Watchdog:
     def timeout(self) -> float | None:
         if self.fixed_timeout == 0:
             return None
-        return self.fixed_timeout if self.fixed_timeout is not None else auto_timeout(list(self.intervals))
+        if self.fixed_timeout is None:
+            return auto_timeout(list(self.intervals))
+        # The first step of a start compiles kernels and fills the loaders: never less than start-up's.
+        return self.fixed_timeout if self.steps else max(self.fixed_timeout, STARTUP_TIMEOUT_S)
 
     def step_done(self) -> None:
         now = time.monotonic()

@@ -95,6 +95,11 @@ def test_auto_timeout_rule():
     for _ in range(watchdog.WARMUP_STEPS + 3):  # warm-up steps are not measured
         dog.step_done()
     assert len(dog.intervals) == 3 and dog.timeout() == watchdog.STARTUP_TIMEOUT_S
+    # A fixed timeout holds from the second step of a start on; the first may take start-up's.
+    fixed = watchdog.Watchdog(step_timeout_s=20, signal_grace_s=0, rank=0)
+    assert fixed.timeout() == watchdog.STARTUP_TIMEOUT_S
+    fixed.step_done()
+    assert fixed.timeout() == 20
 
 
 @pytest.mark.parametrize("settings", [SimpleNamespace(step_timeout_s=0, signal_grace_s=0)])
