@@ -179,7 +179,7 @@ def test_usr1_to_the_batch_shell_checkpoints_requeues_and_resumes(completed_run,
     for node in ("node1", "node2"):
         assert log.count(f"[stage {node}] train.beton:") == 2 and log.count(f"[stage {node}] staged") == 2, log
     assert log.count(f"data staged: reading {local}/clmae-data-{job}") == 2
-    assert list(local.iterdir()) == []
+    assert list(local.glob("clmae-data-*")) == []  # (torch keeps its own caches in $TMPDIR)
     assert_finished_like(tmp_path / "usr1", completed_run[0])
 
 

@@ -84,7 +84,7 @@ if [[ $STAGE_DATA != 0 ]]; then
     stage_dir=$stage_root/clmae-data-${SLURM_JOB_ID:-$$}
     log "staging $DATA_DIR/{train,val}.beton to $stage_dir on every node"
     if srun --nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 \
-        --cpu-bind=none bash "$CLMAE_ROOT/slurm/lib/stage_data.sh" "$DATA_DIR" "$stage_dir" "$STAGE_RESERVE_MB"; then
+        --overlap --cpu-bind=none bash "$CLMAE_ROOT/slurm/lib/stage_data.sh" "$DATA_DIR" "$stage_dir" "$STAGE_RESERVE_MB"; then
         DATA_DIR=$stage_dir
         log "data staged: reading $DATA_DIR on every node"
     else
@@ -93,8 +93,9 @@ if [[ $STAGE_DATA != 0 ]]; then
 fi
 unstage() {
     [[ -n $stage_dir ]] || return 0
+    # --overlap: the training step's resources may not be released yet, and this must not wait for them.
     srun --nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 \
-        --cpu-bind=none rm -rf "$stage_dir" || log "warning: could not remove the staged copies in $stage_dir"
+        --overlap --cpu-bind=none rm -rf "$stage_dir" || log "warning: could not remove the staged copies in $stage_dir"
 }
 
 read -r -a override_args <<<"$OVERRIDES"
