@@ -78,6 +78,12 @@ log "nodes $SLURM_JOB_NODELIST (${SLURM_JOB_NUM_NODES:-1}); master $master_node 
 # and replaces a copy only once it is verified. Any node that cannot (too little space, a bad copy)
 # sends every node back to the shared DATA_DIR: the ranks must read the same files.
 stage_dir=
+unstage() {
+    [[ -n $stage_dir ]] || return 0
+    # --overlap: the training step's resources may not be released yet, and this must not wait for them.
+    srun --nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 \
+        --overlap --cpu-bind=none rm -rf "$stage_dir" || log "warning: could not remove the staged copies in $stage_dir"
+}
 if [[ $STAGE_DATA != 0 ]]; then
     stage_root=$STAGE_DATA
     [[ $STAGE_DATA == 1 ]] && stage_root=${TMPDIR:-/tmp}
@@ -89,14 +95,10 @@ if [[ $STAGE_DATA != 0 ]]; then
         log "data staged: reading $DATA_DIR on every node"
     else
         log "warning: staging failed on at least one node (see above); reading the shared $DATA_DIR instead"
+        unstage  # the copies that did succeed on other nodes
+        stage_dir=
     fi
 fi
-unstage() {
-    [[ -n $stage_dir ]] || return 0
-    # --overlap: the training step's resources may not be released yet, and this must not wait for them.
-    srun --nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 \
-        --overlap --cpu-bind=none rm -rf "$stage_dir" || log "warning: could not remove the staged copies in $stage_dir"
-}
 
 read -r -a override_args <<<"$OVERRIDES"
 log "run directory $RUN_DIR; config $CONFIG; ds_config $DS_CONFIG; overrides: ${OVERRIDES:-none}"
