@@ -54,6 +54,8 @@ class RunConfig:
 class DistConfig:
     backend: Literal["auto", "gloo", "nccl"]
     timeout_minutes: int
+    step_timeout_s: float | None
+    signal_grace_s: float
 
 
 @dataclass
@@ -188,6 +190,8 @@ _RANGE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "loss.w_kl": (lambda v: v >= 0, ">= 0"),
     "loss.w_div": (lambda v: v >= 0, ">= 0"),
     "dist.timeout_minutes": (lambda v: v > 0, "> 0"),
+    "dist.step_timeout_s": (lambda v: v is None or v >= 0, ">= 0 (0: no watchdog) or null (derived)"),
+    "dist.signal_grace_s": (lambda v: v >= 0, ">= 0 (0: wait for the step boundary however long)"),
     "data.batch_size": (lambda v: v >= 1, ">= 1"),
     "data.num_workers": (lambda v: v >= 1, ">= 1"),
     "data.crop_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "two numbers 0 < low <= high <= 1"),
