@@ -165,9 +165,6 @@ def finetune(source, cfg: Config, env, num_classes: int, settings: FinetuneSetti
     """Fine-tune on `data.train_path`, evaluate on `data.val_path` each epoch; collective (every rank).
     Returns the last epoch's accuracies and the best top-1."""
     import deepspeed
-    from timm.data import Mixup
-    from timm.data.random_erasing import RandomErasing
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     from clmae.data import build_eval_loader, build_pretrain_loader
 
@@ -198,24 +195,7 @@ def finetune(source, cfg: Config, env, num_classes: int, settings: FinetuneSetti
     )
     dtype = precision_dtype(ds_config)
 
-    # Per-rank augmentation streams (timm's RandAugment and Mixup draw from Python's and numpy's RNGs).
-    seed = cfg.run.seed * 1000 + env.rank
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    randaug = RandAugmentBatch(settings.randaug, source.img_size) if settings.randaug else None
-    erasing = RandomErasing(settings.reprob, mode="pixel", device=str(device)) if settings.reprob > 0 else None
-    mixup = (
-        Mixup(
-            mixup_alpha=settings.mixup,
-            cutmix_alpha=settings.cutmix,
-            label_smoothing=settings.smoothing,
-            num_classes=num_classes,
-        )
-        if mixing
-        else None
-    )
-    criterion = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(settings.smoothing)
+    randaug, erasing, mixup, criterion = _augmentations(settings, source.img_size, num_classes, cfg, env)
     dist.log(
         f"fine-tuning {source.model_name} on {cfg.data.train_path}: {env.world_size} ranks, global batch "
         f"{global_batch}, lr {peak:.2e}, layer decay {settings.layer_decay}, drop path {settings.drop_path}, "
@@ -259,6 +239,34 @@ def finetune(source, cfg: Config, env, num_classes: int, settings: FinetuneSetti
             step=epoch + 1,
         )
     return {f"finetune/{k}": v for k, v in last.items()} | {"finetune/best_top1": best}
+
+
+def _augmentations(settings: FinetuneSettings, img_size: int, num_classes: int, cfg: Config, env):
+    """(RandAugment, random erasing, Mixup/CutMix, criterion) of MAE's fine-tuning recipe; None where off."""
+    from timm.data import Mixup
+    from timm.data.random_erasing import RandomErasing
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    mixing = settings.mixup > 0 or settings.cutmix > 0
+    # Per-rank augmentation streams (timm's RandAugment and Mixup draw from Python's and numpy's RNGs).
+    seed = cfg.run.seed * 1000 + env.rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    randaug = RandAugmentBatch(settings.randaug, img_size) if settings.randaug else None
+    erasing = RandomErasing(settings.reprob, mode="pixel", device=env.device) if settings.reprob > 0 else None
+    mixup = (
+        Mixup(
+            mixup_alpha=settings.mixup,
+            cutmix_alpha=settings.cutmix,
+            label_smoothing=settings.smoothing,
+            num_classes=num_classes,
+        )
+        if mixing
+        else None
+    )
+    criterion = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(settings.smoothing)
+    return randaug, erasing, mixup, criterion
 
 
 # --------------------------------------------------------------------------------------------------
