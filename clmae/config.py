@@ -49,6 +49,7 @@ class RunConfig:
     name: str
     output_dir: str
     seed: int
+    lock_timeout_seconds: float
 
 
 @dataclass
@@ -138,6 +139,7 @@ class CheckpointConfig:
     keep_last: int
     resume: str
     init_from: str | None
+    verify: Literal["full", "size", "none"]
 
 
 @dataclass
@@ -187,6 +189,7 @@ _RANGE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "loss.w_gauss": (lambda v: v >= 0, ">= 0"),
     "loss.w_kl": (lambda v: v >= 0, ">= 0"),
     "loss.w_div": (lambda v: v >= 0, ">= 0"),
+    "run.lock_timeout_seconds": (lambda v: v > 0, "> 0"),
     "dist.timeout_minutes": (lambda v: v > 0, "> 0"),
     "data.batch_size": (lambda v: v >= 1, ">= 1"),
     "data.num_workers": (lambda v: v >= 1, ">= 1"),

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from clmae.checkpoint import CheckpointError, find_latest, is_complete, read_client_state
+from clmae.checkpoint import CheckpointError, find_latest, is_complete, read_client_state, verify_checkpoint
 from clmae.cli import run_main
 from clmae.config import Config, ConfigError, build_config
 from clmae.models import VIT_SPECS, MaskedAutoencoderViT, timm_encoder_kwargs
@@ -42,10 +42,12 @@ def resolve_step_dir(path: str | os.PathLike) -> Path:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory or file")
     if path.is_dir() and is_complete(path):
+        verify_checkpoint(path)  # refuses a truncated or altered file, naming it
         return path
     if path.is_dir():
         found = find_latest(path)
         if found is not None:
+            verify_checkpoint(found)
             return found
     raise CheckpointError(
         f"{path}: not a clmae checkpoint (expected a run directory with checkpoints/step_*/COMPLETE, "
@@ -60,8 +62,11 @@ def run_dir_of(step_dir: Path) -> Path:
 
 def checkpoint_config(step_dir: Path) -> Config:
     """The full config the checkpoint was trained with (saved in its client state)."""
-    try:
-        return build_config(read_client_state(step_dir).config)
+    from clmae.config import CONFIG_DIR, DEFAULTS_NAME, deep_merge, read_yaml
+
+    try:  # over the defaults: keys added to clmae after the checkpoint was written take their default
+        defaults = read_yaml(CONFIG_DIR / f"{DEFAULTS_NAME}.yaml")
+        return build_config(deep_merge(defaults, read_client_state(step_dir).config))
     except ConfigError as err:
         raise CheckpointError(f"{step_dir}: its saved config is not valid for this version of clmae: {err}") from err
 

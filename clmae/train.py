@@ -50,6 +50,9 @@ class TrainingDiverged(RuntimeError):
 
 
 def main() -> None:
+    from clmae.dist import exit_with_launcher
+
+    exit_with_launcher()  # no orphaned ranks: a rank dies with its launcher (issue 18, section 3)
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, _request_stop)
     # DeepSpeed 0.19 calls a torch collective that torch 2.14 deprecates, once per step per rank.
@@ -79,13 +82,16 @@ def train(cfg) -> int:
     from clmae.engine import build_engines
     from clmae.method import iteration_flops
     from clmae.models import build_models
+    from clmae.runlock import hold_run_dir
     from clmae.tracking import Tracker, redact_uri
     from clmae.viz import render_masks
 
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_minutes)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    tracker = None
+    tracker = run_lock = None
     try:
+        # One writer per run directory: taken before anything in it is read or written.
+        run_lock = hold_run_dir(run_dir, cfg.run.lock_timeout_seconds)
         # ---- set up: data, models, engines, resume, tracking ------------------------------------------
         device = torch.device(env.device)
         resume_from = checkpoint.resolve_resume(cfg, run_dir)
@@ -268,6 +274,8 @@ def train(cfg) -> int:
             tracker.finish("FAILED")
         return 1
     finally:
+        if run_lock is not None:
+            run_lock.release()
         dist.shutdown()
 
 
