@@ -117,7 +117,8 @@ class RunLock:
                     f"kill {holder.pid}), or choose another run.name. Lock file: {self.path}"
                 )
             if not announced:
-                self.log(f"run directory is in use ({holder.describe()}); waiting up to {self.timeout:g} s for it to end")
+                wait = f"waiting up to {self.timeout:g} s for it to end"
+                self.log(f"run directory is in use ({holder.describe()}); {wait}")
                 announced = True
             time.sleep(min(1.0, self.timeout / 10))
         self._thread = threading.Thread(target=self._heartbeat, name="clmae-run-lock", daemon=True)
