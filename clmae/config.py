@@ -231,7 +231,8 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     path = Path(text).expanduser()
     if path.suffix in (".yaml", ".yml") or os.sep in text:
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            what = "is not a file" if path.exists() else "not found"
+            raise ConfigError(f"config file {what}: {path}")
         return path
     shipped = CONFIG_DIR / f"{text}.yaml"
     if shipped.is_file():
@@ -249,6 +250,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML config (binary content)") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config: {err.strerror}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

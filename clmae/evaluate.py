@@ -205,6 +205,10 @@ def run(args: argparse.Namespace) -> int:
 
     source = load_encoder(args.checkpoint)
     cfg = resolve_config(source, args.config, args.overrides)
+    from clmae.preflight import check_data_file
+
+    for key in ("data.train_path", "data.val_path"):
+        check_data_file(getattr(cfg.data, key.split(".")[1]), key)
     num_classes = check_classes(cfg.data.train_path, cfg.data.val_path)
     if args.protocol == "fewshot" and Path(cfg.data.train_path).resolve() == Path(cfg.data.val_path).resolve():
         raise DatasetMismatchError(

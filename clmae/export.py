@@ -139,8 +139,11 @@ def load_encoder(source: str | os.PathLike) -> EncoderSource:
     file (an encoder exported by clmae-export, a full MAE, or facebookresearch/mae's `{"model": ...}`)."""
     from clmae.checkpoint import consolidated_state_dict, read_mae_state_dict
 
+    from clmae.preflight import check_weights
+
     path = Path(source).expanduser()
     if path.is_file():
+        check_weights(path, "checkpoint")  # a damaged or foreign file: one line, before torch.load
         state = split_encoder(read_mae_state_dict(path))
         if not state:
             raise CheckpointError(f"{path}: holds no encoder weights (a masking-module export?)")

@@ -68,6 +68,9 @@ def _main() -> int:
     if args.print_config:
         sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    from clmae.preflight import check_pretrain
+
+    check_pretrain(cfg)  # bad input fails here, in seconds, before any process group or model exists
     return train(cfg)
 
 

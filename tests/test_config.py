@@ -123,7 +123,7 @@ def test_missing_key_is_named():
 def test_unknown_config_name_and_missing_path(tmp_path):
     with pytest.raises(ConfigError, match=r"no shipped config named 'tiny_digit' \(did you mean 'tiny_digits'\?\)"):
         load_config("tiny_digit")
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(ConfigError, match="config file not found: "):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
