@@ -138,7 +138,6 @@ def load_encoder(source: str | os.PathLike) -> EncoderSource:
     """The encoder of a checkpoint directory (run or step; consolidated from its ZeRO shards) or of a weights
     file (an encoder exported by clmae-export, a full MAE, or facebookresearch/mae's `{"model": ...}`)."""
     from clmae.checkpoint import consolidated_state_dict, read_mae_state_dict
-
     from clmae.preflight import check_weights
 
     path = Path(source).expanduser()
