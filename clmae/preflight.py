@@ -113,14 +113,16 @@ def check_data_file(path: str | os.PathLike, key: str) -> None:
 def check_weights(path: str | os.PathLike, key: str) -> None:
     """A weights file (`.safetensors`, `.pth`, `.pt`) whose container is whole, or a clmae checkpoint
     directory; the tensors themselves are checked against the model when they are loaded."""
-    from clmae.checkpoint import find_latest, is_complete
+    from clmae.checkpoint import find_latest, is_complete, verify_checkpoint
 
     file = Path(path).expanduser()
     if not file.exists():
         raise FileNotFoundError(f"{key}: {file} does not exist")
     if file.is_dir():
-        if not is_complete(file) and find_latest(file) is None:
+        step_dir = file if is_complete(file) else find_latest(file)
+        if step_dir is None:
             raise InputError(f"{key}: {file} is a directory with no complete clmae checkpoint")
+        verify_checkpoint(step_dir)  # the checkpoint it names must be whole (names the damaged file)
         return
     if file.suffix not in WEIGHT_SUFFIXES:
         raise InputError(f"{key}: {file} is not a weights file (expected {', '.join(WEIGHT_SUFFIXES)})")

@@ -134,7 +134,7 @@ CASES = {
         r"run\.output_dir: .*notes\.beton exists and is not a directory",
     ),
     # clmae-export / clmae-eval / clmae-viz checkpoints
-    "export of a truncated weights file": (
+    "eval of a truncated weights file": (
         lambda t, d, b: ["clmae.evaluate", "knn", str(b["truncated_safetensors"])],
         r"checkpoint: .*truncated\.safetensors is not a valid \.safetensors weights file",
     ),
