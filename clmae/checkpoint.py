@@ -272,10 +272,18 @@ def _attempt(action: Any, where: Path) -> str | None:
         action()
         return None
     except (OSError, RuntimeError) as err:
-        cause = str(err) if isinstance(err, OSError) and err.filename else f"{where}: {type(err).__name__}: {err}"
+        if isinstance(err, OSError):
+            cause = str(err) if err.filename else f"{where}: {err}"
+        else:  # torch.save's writer reports a failed write without its errno: say what could have caused it
+            cause = f"{where}: writing failed ({type(err).__name__}: {str(err).strip()[:200]})"
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            cause += f"; file size limit (ulimit -f) {limit:,} bytes"
         probe = next((p for p in (where, *where.parents) if p.exists()), None)
         if probe is not None:
-            cause += f" ({shutil.disk_usage(probe).free / 2**20:,.1f} MiB free on that filesystem)"
+            cause += f"; {shutil.disk_usage(probe).free / 2**20:,.1f} MiB free on that filesystem"
         return f"rank {_rank()}: {cause}"
 
 
