@@ -189,6 +189,8 @@ _RANGE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "loss.w_gauss": (lambda v: v >= 0, ">= 0"),
     "loss.w_kl": (lambda v: v >= 0, ">= 0"),
     "loss.w_div": (lambda v: v >= 0, ">= 0"),
+    "loss.div_scale": (lambda v: v > 0, "> 0"),
+    "run.seed": (lambda v: v >= 0, ">= 0"),
     "run.lock_timeout_seconds": (lambda v: v > 0, "> 0"),
     "dist.timeout_minutes": (lambda v: v > 0, "> 0"),
     "data.batch_size": (lambda v: v >= 1, ">= 1"),
@@ -200,6 +202,8 @@ _RANGE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
     "optim.warmup_epochs": (lambda v: v >= 0, ">= 0"),
     "optim.clip_grad": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "cmm_optim.betas": (lambda v: v is None or all(0 <= b < 1 for b in v), "two numbers in [0, 1), or null"),
     "cmm_optim.base_lr": (lambda v: v is None or v > 0, "> 0 or null"),
     "cmm_optim.min_lr": (lambda v: v is None or v >= 0, ">= 0 or null"),
     "cmm_optim.weight_decay": (lambda v: v is None or v >= 0, ">= 0 or null"),
@@ -213,6 +217,7 @@ _RANGE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "checkpoint.every_steps": (lambda v: v >= 1, ">= 1"),
     "checkpoint.keep_last": (lambda v: v >= 1, ">= 1"),
     "tracking.mask_images_every_epochs": (lambda v: v >= 0, ">= 0 (0: never)"),
+    "tracking.experiment": (lambda v: bool(v.strip()), "a non-empty name"),
 }
 
 

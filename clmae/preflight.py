@@ -35,6 +35,11 @@ def check_pretrain(cfg: Config) -> None:
         check_data_file(cfg.data.val_path, "data.val_path")
     if cfg.checkpoint.init_from:
         check_weights(cfg.checkpoint.init_from, "checkpoint.init_from")
+    if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).expanduser().is_dir():
+        raise InputError(
+            f"checkpoint.resume: {cfg.checkpoint.resume} is not a directory (expected auto, none, a run directory "
+            "or one of its checkpoints/step_* directories)"
+        )
     from clmae.engine import build_ds_config
 
     build_ds_config(cfg, 1, cfg.optim.clip_grad)  # names train.ds_config if it is missing or not JSON

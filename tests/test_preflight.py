@@ -128,6 +128,10 @@ CASES = {
         lambda t, d, b: pretrain(t, d, f"checkpoint.init_from={b['no_checkpoint_dir']}"),
         r"checkpoint\.init_from: .*empty_run is a directory with no complete clmae checkpoint",
     ),
+    "resume from a file": (
+        lambda t, d, b: pretrain(t, d, f"checkpoint.resume={b['text']}"),
+        r"checkpoint\.resume: .*notes\.beton is not a directory",
+    ),
     # output directory
     "output_dir is a file": (
         lambda t, d, b: pretrain(t, d, f"run.output_dir={b['text']}"),
