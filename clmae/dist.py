@@ -219,6 +219,33 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def exit_with_launcher(environ: Mapping[str, str] | None = None, interval: float = 0.5) -> bool:
+    """Make this rank die (SIGKILL) as soon as the process that launched it does.
+
+    torchrun and the deepspeed launcher start their workers in sessions of their own, so a SIGKILL of the
+    launcher (or of its process group) leaves them training, checkpointing and logging on their own, beside
+    the run that is resumed next. A thread watches the parent pid instead of prctl(PR_SET_PDEATHSIG): that
+    fires when the launcher's *thread* that forked us ends, which is not the launcher's death. Only for
+    ranks started by a launcher (RANK or an srun step in the environment): a single process may outlive
+    its shell on purpose (nohup). Returns whether the watch runs.
+    """
+    env = os.environ if environ is None else environ
+    if not ("RANK" in env or "SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
+        return False
+    import signal
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="clmae-launcher-watch", daemon=True).start()
+    return True
+
+
 _ENV: DistEnv | None = None
 
 

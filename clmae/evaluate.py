@@ -194,6 +194,10 @@ def run(args: argparse.Namespace) -> int:
     protocol = protocols()[args.protocol]
     source = load_encoder(args.checkpoint)
     cfg = resolve_config(source, args.config, args.overrides)
+    from clmae.preflight import check_data_file
+
+    for key in ("data.train_path", "data.val_path"):
+        check_data_file(getattr(cfg.data, key.split(".")[1]), key)
     num_classes = check_classes(cfg.data.train_path, cfg.data.val_path)
     if protocol.check is not None:
         protocol.check(args, cfg)

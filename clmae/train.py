@@ -57,6 +57,9 @@ class TrainingDiverged(RuntimeError):
 
 
 def main() -> None:
+    from clmae.dist import exit_with_launcher
+
+    exit_with_launcher()  # no orphaned ranks: a rank dies with its launcher (issue 18, section 3)
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, _request_stop)
     # DeepSpeed 0.19 calls a torch collective that torch 2.14 deprecates, once per step per rank.
@@ -72,6 +75,9 @@ def _main() -> int:
     if args.print_config:
         sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    from clmae.preflight import check_pretrain
+
+    check_pretrain(cfg)  # bad input fails here, in seconds, before any process group or model exists
     return train(cfg)
 
 
@@ -106,10 +112,13 @@ class Setup:
 def train(cfg) -> int:
     """Pre-train per `cfg` on the ranks of this launch; returns the exit code."""
     from clmae import dist
+    from clmae.runlock import hold_run_dir
 
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_minutes)
-    run = None
+    run = run_lock = None
     try:
+        # One writer per run directory: taken before anything in it is read or written.
+        run_lock = hold_run_dir(Path(cfg.run.output_dir) / cfg.run.name, cfg.run.lock_timeout_seconds)
         run, state = set_up(cfg, env)
         if state.epoch >= cfg.train.epochs:
             dist.log(f"nothing to do: the run already finished its {cfg.train.epochs} epochs")
@@ -133,6 +142,8 @@ def train(cfg) -> int:
         return 1
     finally:
         watchdog.stop()
+        if run_lock is not None:
+            run_lock.release()
         dist.shutdown()
 
 
