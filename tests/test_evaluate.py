@@ -234,6 +234,22 @@ def clmae_eval(*args: str, env: dict | None = None) -> subprocess.CompletedProce
 
 
 @pytest.mark.distributed
+def test_feature_cache_key_follows_interpolation_and_the_datasets_eval_transform(digits, tmp_path):
+    """Features computed with one resize must never be served for another: the cache key changes with
+    data.interpolation and with a dataset.json's eval transform, and only with what changes the pixels."""
+    from clmae.config import load_config
+    from clmae.eval.features import cache_file
+
+    data = tmp_path / "val.beton"
+    shutil.copy(digits / "val.beton", data)
+    identity = {"path": "encoder.safetensors", "size": 1, "mtime_ns": 1}
+    key = lambda *overrides: cache_file(tmp_path, identity, data, 32, load_config("tiny_digits", list(overrides)))
+    bicubic, area = key(), key("data.interpolation=area")
+    assert bicubic != area and key() == bicubic
+    (tmp_path / "dataset.json").write_text(json.dumps({"eval_transform": {"mode": "resize_square"}}))
+    assert key() != bicubic
+
+
 def test_eval_on_digits_pretrained_beats_random_init(pretrained_runs, digits, tmp_path):
     run_dir = pretrained_runs["zero2"]
     knn = clmae_eval("knn", str(run_dir))

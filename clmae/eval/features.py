@@ -9,7 +9,8 @@ are gathered in rank order, which is file order, so row i is sample i of the fil
 
 Few-shot's 15 probes and both k-NN protocols then cost one forward pass over each file: the cache key is the
 encoder's identity (checkpoint path and the mtime of its COMPLETE marker, or the weights file's path, size
-and mtime), the data file's (path, size, mtime) and the preprocessing (image size, crop ratio).
+and mtime), the data file's (path, size, mtime) and the preprocessing (image size, evaluation transform, including a
+dataset.json's, and interpolation).
 """
 
 from __future__ import annotations
@@ -113,13 +114,22 @@ def _file_identity(path: Path) -> dict[str, object]:
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def cache_file(cache_dir: Path, encoder_identity: dict, data_path: Path, img_size: int, crop_ratio: float) -> Path:
+def cache_file(cache_dir: Path, encoder_identity: dict, data_path: Path, img_size: int, cfg: Config) -> Path:
+    """Where the features of `data_path` are cached: keyed by everything that changes their pixels or weights
+    (the encoder, the file, the image size, the evaluation transform, including a dataset.json's, and the
+    interpolation)."""
+    import dataclasses
+
+    from clmae.data import EvalTransform
+
+    transform = EvalTransform.for_file(data_path, cfg.data.eval_crop_ratio)
     key = {
         "format": CACHE_FORMAT,
         "encoder": encoder_identity,
         "data": _file_identity(data_path),
         "img_size": img_size,
-        "eval_crop_ratio": crop_ratio,
+        "eval_transform": dataclasses.asdict(transform),
+        "interpolation": cfg.data.interpolation,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir / f"{data_path.stem}-{digest}.pt"
@@ -152,7 +162,7 @@ def cached_features(
     if not data_path.is_file():
         raise FileNotFoundError(f"{data_path} does not exist; write it with `clmae-prep`")
     img_size = encoder.patch_embed.img_size[0]
-    path = cache_file(cache_dir, encoder_identity, data_path, img_size, cfg.data.eval_crop_ratio)
+    path = cache_file(cache_dir, encoder_identity, data_path, img_size, cfg)
     if _agree(path.is_file()):
         dist.log(f"features of {data_path}: cached in {path}")
         return Features(**torch.load(path, weights_only=True))
