@@ -163,7 +163,9 @@ def train_one_epoch(run: Setup, state: TrainState, window: MetricsWindow) -> int
     progress = dist.progress(steps, total=run.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch}")
     for _ in progress:
         lam = curriculum_lambda(cfg, state, run.steps_per_epoch)
-        micro_batches = [next(batches)[0].to(run.engines.dtype) for _ in range(accum)]
+        # On CPU a batch is a view into FFCV's ring buffer, which the prefetcher refills: micro-batches held
+        # while the next ones are read must be copies (a view-only .to() is free when nothing is held).
+        micro_batches = [next(batches)[0].to(run.engines.dtype, copy=accum > 1) for _ in range(accum)]
         poison = faults.at_step(env.rank, env.world_size, state.global_step + 1)
         metrics = optimizer_step(run.engines, micro_batches, lam, cfg, window.timer, poison_mae_loss=poison)
         state.step_in_epoch += 1
