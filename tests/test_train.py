@@ -300,6 +300,11 @@ def test_checkpoint_reason_names_the_first_that_applies():
     assert checkpoint_reason(cfg, TrainState(1, 3, 9), stop=False, epoch_done=False) == "stop_at_step"
     assert checkpoint_reason(cfg, TrainState(2, 0, 8), stop=False, epoch_done=True) == "finished"
     assert checkpoint_reason(cfg, TrainState(2, 0, 8), stop=True, epoch_done=True) == "preemption signal"
+    # The last step a rollback skipped: the rollback is saved before training goes on.
+    rolled = TrainState(0, 5, 5, [4, 5], [{"step": 4, "terms": ["mae/loss"], "from_step": 3, "skipped": [4, 5]}])
+    assert checkpoint_reason(cfg, rolled, stop=False, epoch_done=False) == "rollback"
+    rolled.global_step = rolled.step_in_epoch = 6
+    assert checkpoint_reason(cfg, rolled, stop=False, epoch_done=False) is None
 
 
 # --------------------------------------------------------------------------------------------------
