@@ -34,7 +34,7 @@ import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,10 @@ RESUME_MUTABLE_PREFIXES = (
     "train.log_every",
     "train.peak_tflops",
     "train.stop_at_step",
+    "train.on_nonfinite",
+    "train.max_rollbacks",
+    "train.rollback_skip_margin",
+    "train.skip_steps",  # merged with the checkpoint's own record (ClientState.skip_steps)
     "checkpoint.",
     "tracking.",
 )
@@ -92,6 +96,8 @@ class ClientState:
     mlflow_run_id: str | None
     config: dict[str, Any]
     curriculum_lambda: float | None = None  # for humans reading the file; recomputed on resume
+    skip_steps: list[int] = field(default_factory=list)  # global steps not trained on (train.skip_steps + rollbacks)
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)  # {"step", "terms", "from_step", "skipped"}
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True)

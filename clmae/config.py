@@ -133,6 +133,10 @@ class TrainConfig:
     log_every: int
     peak_tflops: float | None
     stop_at_step: int | None
+    on_nonfinite: Literal["rollback", "stop"]
+    max_rollbacks: int
+    rollback_skip_margin: int
+    skip_steps: list[int]
 
 
 @dataclass
@@ -218,6 +222,9 @@ _RANGE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.log_every": (lambda v: v >= 1, ">= 1"),
     "train.peak_tflops": (lambda v: v is None or v > 0, "> 0 or null"),
     "train.stop_at_step": (lambda v: v is None or v >= 1, ">= 1 or null"),
+    "train.max_rollbacks": (lambda v: v >= 0, ">= 0"),
+    "train.rollback_skip_margin": (lambda v: v >= 0, ">= 0"),
+    "train.skip_steps": (lambda v: all(s >= 1 for s in v), "a list of global steps >= 1"),
     "checkpoint.every_steps": (lambda v: v >= 1, ">= 1"),
     "checkpoint.keep_last": (lambda v: v >= 1, ">= 1"),
     "tracking.mask_images_every_epochs": (lambda v: v >= 0, ">= 0 (0: never)"),

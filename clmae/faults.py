@@ -1,6 +1,6 @@
 """Fault injection for the tests of the failure paths; never set in a normal run.
 
-`CLMAE_FAULT=KIND@STEP` arms one fault:
+`CLMAE_FAULT=KIND@STEP` arms one fault (several, comma-separated: `nan_loss@5,nan_loss@17`):
 - `nan_loss@N`: the MAE loss of the last rank becomes NaN at global step N (tests the NaN guard, and
   that every rank stops even though only one saw it);
 - `kill_in_save@N`: rank 0 kills itself with SIGKILL in the middle of writing checkpoint N, after the
@@ -18,9 +18,11 @@ ENV = "CLMAE_FAULT"
 
 
 def armed(kind: str, step: int) -> bool:
-    spec = os.environ.get(ENV, "")
-    name, _, at = spec.partition("@")
-    return name == kind and at.isdigit() and int(at) == step
+    for spec in os.environ.get(ENV, "").split(","):
+        name, _, at = spec.strip().partition("@")
+        if name == kind and at.isdigit() and int(at) == step:
+            return True
+    return False
 
 
 def nan_loss_due(rank: int, world_size: int, step: int) -> bool:

@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,10 @@ class TrainState:
     epoch: int = 0  # epoch in progress
     step_in_epoch: int = 0  # optimiser steps already done in that epoch
     global_step: int = 0  # optimiser steps done in total
+    # Global steps whose batches are consumed but not trained on (train.skip_steps + rollbacks), and the
+    # rollbacks so far ({"step", "terms", "from_step", "skipped": [first, last]}): part of the data order.
+    skip_steps: list[int] = field(default_factory=list)
+    rollbacks: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -151,7 +155,7 @@ def train_one_epoch(run: Setup, state: TrainState, window: MetricsWindow) -> int
     """The rest of `state.epoch`: one optimiser step of each engine per iteration (SPEC section 6), then at
     the step boundary the NaN guard, metrics, checkpoints and stop requests. Returns an exit code when the
     run must end now, None at the end of the epoch."""
-    from clmae import checkpoint, dist, faults
+    from clmae import dist, faults
     from clmae.step import optimizer_step
 
     cfg, env, accum = run.cfg, run.env, run.cfg.train.accum_steps
@@ -166,22 +170,23 @@ def train_one_epoch(run: Setup, state: TrainState, window: MetricsWindow) -> int
         # On CPU a batch is a view into FFCV's ring buffer, which the prefetcher refills: micro-batches held
         # while the next ones are read must be copies (a view-only .to() is free when nothing is held).
         micro_batches = [next(batches)[0].to(run.engines.dtype, copy=accum > 1) for _ in range(accum)]
-        poison = faults.at_step(env.rank, env.world_size, state.global_step + 1)
-        metrics = optimizer_step(run.engines, micro_batches, lam, cfg, window.timer, poison_mae_loss=poison)
+        metrics = {}  # a skipped step (train.skip_steps, rollbacks) consumes its batches and nothing else
+        if state.global_step + 1 not in state.skip_steps:
+            poison = faults.at_step(env.rank, env.world_size, state.global_step + 1)
+            metrics = optimizer_step(run.engines, micro_batches, lam, cfg, window.timer, poison_mae_loss=poison)
         state.step_in_epoch += 1
         state.global_step += 1
 
-        non_finite, stop = agree(metrics, stop_requested=bool(_stop_signal))
+        non_finite, stop = agree(metrics, stop_requested=bool(_stop_signal), device=env.device)
         watchdog.step_done()  # every rank got through the step's collectives
         if non_finite:
-            raise TrainingDiverged(
-                f"non-finite loss at global step {state.global_step} (epoch {state.epoch}): {', '.join(non_finite)}; "
-                f"stopping without saving, the last good checkpoint stays 'latest' in "
-                f"{checkpoint.checkpoint_root(run.run_dir)}"
-            )
-        window.add(metrics)
+            roll_back(run, state, window, non_finite)  # raises TrainingDiverged when it may not
+            batches.close()
+            return None  # train() calls again: the restored epoch, from the restored position
+        if metrics:
+            window.add(metrics)
         epoch_done = state.step_in_epoch == run.steps_per_epoch
-        if state.global_step % cfg.train.log_every == 0 or epoch_done:
+        if (state.global_step % cfg.train.log_every == 0 or epoch_done) and window.steps:
             report = window.report(run, state)
             run.tracker.log_metrics(report, step=state.global_step)
             dist.log(_format_report(state.global_step, state.epoch, report, run.engines.strategy))
@@ -203,6 +208,43 @@ def train_one_epoch(run: Setup, state: TrainState, window: MetricsWindow) -> int
     return None
 
 
+def roll_back(run: Setup, state: TrainState, window: MetricsWindow, non_finite: list[str]) -> None:
+    """After a non-finite loss term (on any rank; every rank calls this): reload the last good checkpoint
+    into the same engines and mark the steps from its position up to the one that diverged, plus
+    train.rollback_skip_margin, as skipped; `state` is then the checkpoint's, with the longer skip list.
+    Raises TrainingDiverged instead with train.on_nonfinite=stop, after train.max_rollbacks rollbacks, or
+    with no checkpoint yet."""
+    from clmae import checkpoint, dist
+
+    cfg, diverged = run.cfg, state.global_step
+    what = f"non-finite loss at global step {diverged} (epoch {state.epoch}): {', '.join(non_finite)}"
+    kept = f"the last good checkpoint stays 'latest' in {checkpoint.checkpoint_root(run.run_dir)}"
+    if cfg.train.on_nonfinite == "stop":
+        raise TrainingDiverged(f"{what}; train.on_nonfinite=stop: stopping without saving, {kept}")
+    done = state.rollbacks
+    if len(done) >= cfg.train.max_rollbacks:
+        earlier = ", ".join(str(r["step"]) for r in done) or "none"
+        raise TrainingDiverged(
+            f"{what}; train.max_rollbacks={cfg.train.max_rollbacks} reached (earlier rollbacks at steps {earlier}): "
+            f"stopping without saving, {kept}"
+        )
+    good = checkpoint.newest_verified(run.run_dir, cfg.checkpoint.verify, set_aside=True)
+    if good is None:
+        raise TrainingDiverged(f"{what}; no checkpoint to roll back to yet: stopping")
+    restored = checkpoint.load(good, run.engines.as_dict())  # weights, optimiser, LR schedule, RNG
+    first, last = restored.global_step + 1, diverged + cfg.train.rollback_skip_margin
+    record = {"step": diverged, "terms": non_finite, "from_step": restored.global_step, "skipped": [first, last]}
+    state.epoch, state.step_in_epoch, state.global_step = restored.epoch, restored.step_in_epoch, restored.global_step
+    state.skip_steps = sorted(set(state.skip_steps) | set(range(first, last + 1)))
+    state.rollbacks = [*done, record]
+    window.discard()
+    n = len(state.rollbacks)
+    summary = f"step {diverged}: {', '.join(non_finite)} non-finite; restored {good.name}, skipped steps {first}-{last}"
+    dist.log(f"rollback {n} of at most {cfg.train.max_rollbacks}: {summary}")
+    # Tags, not metrics: setting one again (a requeue before the rollback was saved) changes nothing.
+    run.tracker.set_tags({f"rollback.{n}": summary, "rollbacks": str(n)})
+
+
 # ---- the loop's decisions ----------------------------------------------------------------------------
 
 
@@ -218,14 +260,15 @@ def curriculum_lambda(cfg, state: TrainState, steps_per_epoch: int) -> float:
     )
 
 
-def agree(metrics: dict, stop_requested: bool) -> tuple[list[str], bool]:
+def agree(metrics: dict, stop_requested: bool, device: str = "cpu") -> tuple[list[str], bool]:
     """What every rank must decide the same way after a step, in one collective: the metrics that are
-    non-finite on any rank (sorted names), and whether any rank was asked to stop."""
+    non-finite on any rank (sorted names), and whether any rank was asked to stop. `metrics` is empty for
+    a skipped step."""
     import torch
     import torch.distributed as tdist
 
     names = sorted(metrics)
-    values = torch.stack([metrics[n].float() for n in names])
+    values = torch.stack([metrics[n].float() for n in names]) if names else torch.zeros(0, device=device)
     stop = torch.tensor([float(stop_requested)], device=values.device)
     status = torch.cat([(~torch.isfinite(values)).float(), stop])
     tdist.all_reduce(status, op=tdist.ReduceOp.MAX)
@@ -246,6 +289,8 @@ def checkpoint_reason(cfg, state: TrainState, stop: bool, epoch_done: bool) -> s
         ("stop_at_step", stop_at_reached(cfg, state)),
         ("epoch end", epoch_done),
         ("periodic", state.global_step % cfg.checkpoint.every_steps == 0),
+        # The end of a rollback's skipped steps: the rollback is on disk before anything is trained again.
+        ("rollback", bool(state.rollbacks) and state.global_step == state.rollbacks[-1]["skipped"][-1]),
     )
     return next((name for name, due in reasons if due), None)
 
@@ -260,6 +305,11 @@ class MetricsWindow:
         from clmae.step import StepTimer
 
         self.timer = StepTimer(torch.device(device))
+        self._reset()
+
+    def discard(self) -> None:
+        """Forget the window (the steps a rollback undid), timings included."""
+        self.timer.read()
         self._reset()
 
     def _reset(self) -> None:
@@ -316,6 +366,8 @@ def save(run: Setup, state: TrainState, reason: str) -> None:
         mlflow_run_id=run.tracker.run_id,
         config=cfg.to_dict(),
         curriculum_lambda=lam,
+        skip_steps=state.skip_steps,
+        rollbacks=state.rollbacks,
     )
     path = checkpoint.save(run.run_dir, run.engines.as_dict(), client, cfg.checkpoint.keep_last)
     dist.log(f"checkpoint ({reason}): {path}")
@@ -361,10 +413,11 @@ def set_up(cfg, env) -> tuple[Setup, TrainState]:
     engines = build_engines(cfg, mae.to(device), module, steps_per_epoch, env.world_size)
     torch.manual_seed(cfg.run.seed * 1000 + env.rank)  # per-rank stream for random masking
 
-    state, run_id = TrainState(), None
+    state, run_id = TrainState(skip_steps=sorted(set(cfg.train.skip_steps))), None
     if saved is not None:
         restored = checkpoint.load(resume_from, engines.as_dict())
-        state = TrainState(restored.epoch, restored.step_in_epoch, restored.global_step)
+        skip = sorted(set(cfg.train.skip_steps) | set(restored.skip_steps))  # the config may add more
+        state = TrainState(restored.epoch, restored.step_in_epoch, restored.global_step, skip, restored.rollbacks)
         run_id = restored.mlflow_run_id
         dist.log(
             f"resumed from {resume_from} (epoch {state.epoch}, step {state.step_in_epoch} of it, "

@@ -233,11 +233,46 @@ def test_preemption_signal_checkpoints_and_exits_for_requeue(uninterrupted, tmp_
 
 def test_nan_guard_stops_every_rank_and_keeps_the_last_good_checkpoint(tmp_path, digits):
     run_dir = tmp_path / "nan"
-    run = Run(run_dir, digits, [f"train.stop_at_step={STEPS}"], fault="nan_loss@3")
+    run = Run(run_dir, digits, [f"train.stop_at_step={STEPS}", "train.on_nonfinite=stop"], fault="nan_loss@3")
     assert run.wait() == [1, 1], run.output()[-3000:]
-    assert "error: non-finite loss at global step 3 (epoch 0): mae/loss" in run.output()
+    assert "error: non-finite loss at global step 3 (epoch 0): mae/loss; train.on_nonfinite=stop" in run.output()
     assert find_latest(run_dir).name == "step_000000002"
     assert not (checkpoint_root(run_dir) / "step_000000003").exists()
+
+
+def test_nan_rolls_back_skips_the_batches_and_matches_a_run_told_to_skip_them(tmp_path, digits):
+    """NaN at step 4 on rank 1: both ranks reload step 2 in-process and skip steps 3-4; the result is bitwise
+    the run given train.skip_steps=[3,4]; the record survives a requeue (max_rollbacks counts it)."""
+    run_dir, reference = tmp_path / "rollback", tmp_path / "skipping"
+    run = Run(run_dir, digits, [f"train.stop_at_step={STEPS}"], fault="nan_loss@4")
+    assert run.wait() == [0, 0], run.output()[-3000:]
+    output = run.output()
+    summary = "step 4: mae/loss non-finite; restored step_000000002, skipped steps 3-4"
+    assert output.count("rollback 1 of at most 3: " + summary) == 1, output[-3000:]
+    assert f"reached train.stop_at_step={STEPS}" in output
+    state = read_client_state(find_latest(run_dir))
+    assert state.global_step == STEPS and state.skip_steps == [3, 4]
+    assert state.rollbacks == [{"step": 4, "terms": ["mae/loss"], "from_step": 2, "skipped": [3, 4]}]
+    told = Run(reference, digits, [f"train.stop_at_step={STEPS}", "train.skip_steps=[3,4]"])
+    assert told.wait() == [0, 0], told.output()[-3000:]
+
+    got, want = weights(run_dir), weights(reference)
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+    run_id, history = metric_history(run_dir)
+    _, reference_history = metric_history(reference)
+    for key, points in history.items():
+        # Step 3 was logged before the NaN and is not logged again; 4 (the NaN) never was.
+        assert [step for step, _ in points] == [1, 2, 3, 5, 6], key
+        assert [p for p in points if p[0] != 3] == reference_history[key], key
+    tags = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}").get_run(run_id).data.tags
+    assert tags["rollbacks"] == "1" and tags["rollback.1"] == summary
+
+    # A requeue continues with the recorded rollback: a second NaN exceeds max_rollbacks=1 and stops as before.
+    overrides = [f"train.stop_at_step={STEPS + 2}", "train.max_rollbacks=1"]
+    again = Run(run_dir, digits, overrides, fault=f"nan_loss@{STEPS + 2}")
+    assert again.wait() == [1, 1], again.output()[-3000:]
+    assert "train.max_rollbacks=1 reached (earlier rollbacks at steps 4)" in again.output()
+    assert find_latest(run_dir).name == f"step_{STEPS:09d}"
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(uninterrupted, tmp_path, digits):
@@ -265,6 +300,11 @@ def test_checkpoint_reason_names_the_first_that_applies():
     assert checkpoint_reason(cfg, TrainState(1, 3, 9), stop=False, epoch_done=False) == "stop_at_step"
     assert checkpoint_reason(cfg, TrainState(2, 0, 8), stop=False, epoch_done=True) == "finished"
     assert checkpoint_reason(cfg, TrainState(2, 0, 8), stop=True, epoch_done=True) == "preemption signal"
+    # The last step a rollback skipped: the rollback is saved before training goes on.
+    rolled = TrainState(0, 5, 5, [4, 5], [{"step": 4, "terms": ["mae/loss"], "from_step": 3, "skipped": [4, 5]}])
+    assert checkpoint_reason(cfg, rolled, stop=False, epoch_done=False) == "rollback"
+    rolled.global_step = rolled.step_in_epoch = 6
+    assert checkpoint_reason(cfg, rolled, stop=False, epoch_done=False) is None
 
 
 # --------------------------------------------------------------------------------------------------
