@@ -233,7 +233,6 @@ def clmae_eval(*args: str, env: dict | None = None) -> subprocess.CompletedProce
     return result
 
 
-@pytest.mark.distributed
 def test_feature_cache_key_follows_interpolation_and_the_datasets_eval_transform(digits, tmp_path):
     """Features computed with one resize must never be served for another: the cache key changes with
     data.interpolation and with a dataset.json's eval transform, and only with what changes the pixels."""
@@ -250,6 +249,7 @@ def test_feature_cache_key_follows_interpolation_and_the_datasets_eval_transform
     assert key() != bicubic
 
 
+@pytest.mark.distributed
 def test_eval_on_digits_pretrained_beats_random_init(pretrained_runs, digits, tmp_path):
     run_dir = pretrained_runs["zero2"]
     knn = clmae_eval("knn", str(run_dir))
