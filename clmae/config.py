@@ -79,6 +79,7 @@ class LossConfig:
     w_kl: float
     kl_target: Literal["mask_ratio", "reference"]
     kl_reduction: Literal["sum", "mean"]
+    kl_reference_batch: int | None
     w_div: float
     div_scale: float
 
@@ -186,6 +187,7 @@ _RANGE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "loss.gauss_sigma": (lambda v: v > 0, "> 0"),
     "loss.w_gauss": (lambda v: v >= 0, ">= 0"),
     "loss.w_kl": (lambda v: v >= 0, ">= 0"),
+    "loss.kl_reference_batch": (lambda v: v is None or v >= 1, ">= 1 or null"),
     "loss.w_div": (lambda v: v >= 0, ">= 0"),
     "dist.timeout_minutes": (lambda v: v > 0, "> 0"),
     "data.batch_size": (lambda v: v >= 1, ">= 1"),
