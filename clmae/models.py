@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
@@ -113,14 +114,24 @@ def init_weights_mae_style(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def topk_masking(keep: Tensor, num_visible: int) -> tuple[Tensor, Tensor, Tensor]:
+def topk_masking(keep: Tensor, num_visible: int, break_ties: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Keep the `num_visible` patches with the highest scores in each image (the mask ratio is exact).
 
     keep: (B, L) scores, high = keep visible
+    break_ties: among equal scores every position is equally likely to be kept. A sort alone resolves ties
+        by patch order, a positional bias the method does not have, and ties are common once a low-precision
+        sigmoid saturates (bf16 rounds it to exactly 1.0 from a logit of about 6.2). So the scores are put in a
+        uniformly random order first (the global RNG: seeded, resumed with the run) and sorted stably. Off for
+        MAE's uniform noise, which has no ties, so that plain MAE draws exactly MAE's masks.
     Returns ids_keep (B, k) indices of the visible patches, ids_restore (B, L) the permutation that puts the
     sequence [visible, hidden] back into patch order, and mask (B, L), 1 = hidden.
     """
-    ids_shuffle = torch.argsort(keep, dim=1, descending=True)
+    if break_ties:
+        order = torch.argsort(torch.rand(keep.shape, device=keep.device), dim=1)
+        ranked = torch.sort(torch.gather(keep, 1, order), dim=1, descending=True, stable=True).indices
+        ids_shuffle = torch.gather(order, 1, ranked)
+    else:
+        ids_shuffle = torch.argsort(keep, dim=1, descending=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :num_visible]
     mask = torch.ones(keep.shape, dtype=torch.float32, device=keep.device).scatter_(1, ids_keep, 0.0)
@@ -286,11 +297,20 @@ class CurriculumMaskingModule(nn.Module):
         return {"cls_token"}
 
     def forward(self, tokens: Tensor) -> Tensor:
-        """tokens: (B, L, D) position-embedded patch tokens -> m: (B, L) in (0, 1), high = keep visible."""
+        """tokens: (B, L, D) position-embedded patch tokens -> m: (B, L) in (0, 1), high = keep visible.
+
+        m is fp32 whatever the engine's dtype: the head (final norm, linear, sigmoid) runs in fp32 on fp32 copies
+        of its weights, so m does not saturate at bf16's 1.0 (logit 6.2) and the CMM's loss terms see full
+        precision (the reference computes them under fp16 autocast, where the sigmoid and losses run in fp32).
+        """
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         for block in self.blocks:
             x = block(x)
-        return torch.sigmoid(self.head(self.norm(x[:, 0])))
+        with torch.autocast(x.device.type, enabled=False):
+            cls = x[:, 0].float()
+            norm, head = self.norm, self.head
+            cls = F.layer_norm(cls, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+            return torch.sigmoid(F.linear(cls, head.weight.float(), head.bias.float()))
 
 
 def build_mae(name: str, img_size: int | None = None, mask_ratio: float = 0.75) -> MaskedAutoencoderViT:
