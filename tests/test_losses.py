@@ -9,12 +9,12 @@ import torch
 
 from clmae.config import load_config
 from clmae.losses import (
-    kl_weight_warning,
     cmm_loss,
     diversity_loss,
     gauss_loss,
     kl_loss,
     kl_target,
+    kl_weight_warning,
     reconstruction_loss,
     reconstruction_target,
 )
