@@ -115,4 +115,3 @@ def kl_weight_warning(cfg: LossConfig, batch_per_rank: int) -> str | None:
         f"loss.w_kl={keep:.4g} loss.kl_reference_batch={batch_per_rank} "
         f"(or loss.kl_reduction=mean loss.w_kl={cfg.w_kl * reference:.4g})."
     )
-
