@@ -164,4 +164,3 @@ def test_kl_weight_warning_names_both_batches_and_the_setting_that_keeps_the_wei
     assert kl_weight_warning(fixed, 64) is None
     assert kl_weight_warning(load_config("tiny_digits", ["loss.kl_reduction=mean"]).loss, 64) is None
     assert kl_weight_warning(load_config("tiny_digits", ["loss.kl_reference_batch=null"]).loss, 64) is None
-
