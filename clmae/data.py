@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from clmae.specs import IMAGENET_MEAN, IMAGENET_STD, model_image_size
+
 if TYPE_CHECKING:
     from clmae.config import Config
     from clmae.dist import DistEnv
@@ -71,8 +73,6 @@ with _keep_torch_threads():  # importing FFCV sets torch's thread count to 1
     from ffcv.pipeline.state import State
     from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_ASPECT_RATIO = (3 / 4, 4 / 3)
 
 
@@ -334,14 +334,6 @@ class EpochLoader:
 # --------------------------------------------------------------------------------------------------
 
 
-def _model_image_size(cfg: Config) -> int:
-    if cfg.model.img_size is not None:
-        return cfg.model.img_size
-    from clmae.models import VIT_SPECS
-
-    return VIT_SPECS[cfg.model.name].img_size
-
-
 def _existing(path: str, key: str) -> Path:
     resolved = Path(path)
     if not resolved.is_file():
@@ -359,7 +351,7 @@ def build_pretrain_loader(
     env: anything with `.rank` and `.world_size` (clmae.dist.DistEnv). img_size: None means
     `model.img_size`, else the model's native size.
     """
-    size = img_size or _model_image_size(cfg)
+    size = img_size or model_image_size(cfg.model)
     decoder = SeededRandomResizedCrop(
         (size, size), scale=cfg.data.crop_scale, ratio=CROP_ASPECT_RATIO, flip_prob=0.5, seed=cfg.run.seed
     )
@@ -375,7 +367,7 @@ def build_eval_loader(
 ) -> EpochLoader:
     """The evaluation loader over `path` (default `data.val_path`): this rank's contiguous share, in order,
     centre-cropped, not augmented, no sample dropped. Pass `data.train_path` for a probe's training features."""
-    size = img_size or _model_image_size(cfg)
+    size = img_size or model_image_size(cfg.model)
     source = path or cfg.data.val_path
     decoder = CenterCropRGBImageDecoder((size, size), ratio=cfg.data.eval_crop_ratio)
     data_file = _existing(source, "data.val_path" if path is None else "evaluation data")

@@ -117,8 +117,8 @@ def resolve_config(source, config_name: str | None, overrides: list[str]):
     encoder must fit the model the result names."""
     from clmae.config import CONFIG_DIR, DEFAULTS_NAME, apply_overrides, build_config, deep_merge, read_yaml
     from clmae.config import resolve_config_path as resolve_path
-    from clmae.export import check_fits_timm
     from clmae.models import timm_encoder_kwargs
+    from clmae.weights import check_fits_timm
 
     data = read_yaml(CONFIG_DIR / f"{DEFAULTS_NAME}.yaml")
     data = deep_merge(data, {"model": {"name": source.model_name, "img_size": source.img_size}})
@@ -201,7 +201,7 @@ def tracking_dir(source) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clmae.export import load_encoder
+    from clmae.weights import load_encoder
 
     source = load_encoder(args.checkpoint)
     cfg = resolve_config(source, args.config, args.overrides)

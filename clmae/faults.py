@@ -21,5 +21,10 @@ def armed(kind: str, step: int) -> bool:
     return name == kind and at.isdigit() and int(at) == step
 
 
+def nan_loss_due(rank: int, world_size: int, step: int) -> bool:
+    """Whether the MAE loss of global step `step` is to be poisoned on this rank (`nan_loss@N`)."""
+    return rank == world_size - 1 and armed("nan_loss", step)
+
+
 def kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)

@@ -17,7 +17,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from clmae.checkpoint import consolidated_state_dict, find_latest, read_client_state
+from clmae.checkpoint import find_latest, read_client_state
+from clmae.weights import consolidated_state_dict
 from tests.data_fixtures import make_imagenet
 
 REPO = Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ from clmae import dist
 from clmae.checkpoint import CheckpointError
 from clmae.config import Config, ConfigError
 from clmae.data import IMAGENET_MEAN, IMAGENET_STD
-from clmae.engine import WarmupCosine, build_ds_config, precision_dtype
+from clmae.ds_engines import WarmupCosine, build_ds_config, precision_dtype
 
 FINETUNE_CROP_SCALE = (0.08, 1.0)
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from clmae import dist
-from clmae.engine import WarmupCosine
+from clmae.ds_engines import WarmupCosine
 
 BASE_LR = 0.1
 BATCH_SIZE = 16384
