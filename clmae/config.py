@@ -105,6 +105,7 @@ class OptimConfig:
     base_lr: float
     min_lr: float
     weight_decay: float
+    no_decay_names: tuple[str, ...]
     betas: tuple[float, float]
     warmup_epochs: float
     clip_grad: float
@@ -117,6 +118,7 @@ class CmmOptimConfig:
     base_lr: float | None
     min_lr: float | None
     weight_decay: float | None
+    no_decay_names: tuple[str, ...] | None
     betas: tuple[float, float] | None
     warmup_epochs: float | None
     clip_grad: float | None

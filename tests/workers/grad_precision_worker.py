@@ -1,4 +1,4 @@
-"""Run by tests/test_engine_precision.py under `torchrun --nproc_per_node 2` (gloo, CPU).
+"""Run by tests/test_ds_engines_precision.py under `torchrun --nproc_per_node 2` (gloo, CPU).
 
 What does DeepSpeed do with bf16 gradients, per ZeRO stage? For every shipped `zero{1,2,3}_bf16` file,
 it builds both of clmae's engines (`build_engines`, the MAE's and the masking module's) around a
@@ -32,7 +32,7 @@ from torch import nn
 
 from clmae import dist
 from clmae.config import load_config
-from clmae.engine import DS_CONFIG_DIR, build_engines
+from clmae.ds_engines import DS_CONFIG_DIR, build_engines
 
 ACCUM = 4
 SHAPE = (4, 32)  # 128 values: each ZeRO shard (one per rank) holds columns of both kinds

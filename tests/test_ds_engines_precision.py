@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clmae.engine import DS_CONFIG_DIR
+from clmae.ds_engines import DS_CONFIG_DIR
 from tests.workers.grad_precision_worker import reference_grad
 
 WORLD = 2
