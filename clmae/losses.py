@@ -23,6 +23,7 @@ _KL_EPS = 1e-6
 
 def reconstruction_target(patches: Tensor, norm_pix: bool) -> Tensor:
     """patches: (B, L, P) -> target (B, L, P): the pixels, or with `norm_pix` each patch normalised."""
+    patches = patches.float()  # the pixels, their mean and variance in fp32 whatever the engine's dtype
     if not norm_pix:
         return patches
     mean = patches.mean(dim=-1, keepdim=True)

@@ -14,6 +14,7 @@ own: it reads the MAE's position-embedded patch tokens, which `MaskedAutoencoder
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from functools import partial
@@ -163,8 +164,9 @@ class MaskedAutoencoderViT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(b, 3, grid * p, grid * p)
 
     def embed_patches(self, imgs: Tensor) -> Tensor:
-        """imgs: (B, 3, H, W) -> patch tokens with position embedding, no CLS: (B, L, D)."""
-        return self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        """imgs: (B, 3, H, W), any float dtype -> patch tokens with position embedding, no CLS: (B, L, D), in the
+        model's dtype (the loop hands over fp32 images so that the pixel targets stay fp32)."""
+        return self.patch_embed(imgs.to(self.pos_embed.dtype)) + self.pos_embed[:, 1:]
 
     def forward_encoder(self, tokens: Tensor, ids_keep: Tensor | None = None) -> Tensor:
         """tokens: (B, L, D) from `embed_patches`; ids_keep: (B, k) visible patches, None = all.
@@ -208,18 +210,20 @@ class MaskedAutoencoderViT(nn.Module):
             True = soft path (needs a scorer): every token is scaled by its m and all L go through encoder and
             decoder, so the reconstruction is differentiable in m.
         Returns pred (B, L, P); hidden (B, L), each patch's weight in the loss: the binary mask (1 = hidden) on the
-        hard path, 1 - m on the soft path; keep (B, L), the scores used (m, or the noise of random masking).
+        hard path, 1 - m on the soft path; keep (B, L), the scores used (m, or the noise of random masking). A
+        scorer's m is fp32 whatever the model's dtype (the CMM's head runs in fp32), and so is 1 - m.
         """
         tokens = self.embed_patches(imgs)
         if soft:
             if scorer is None:
                 raise ValueError("the soft path needs a scorer, such as a curriculum masking module")
-            keep = scorer(tokens)
-            pred = self.forward_decoder(self.forward_encoder(tokens * keep.unsqueeze(-1)))
+            keep = scorer(tokens)  # fp32 from the CMM's head; the token scaling runs in the model's dtype
+            pred = self.forward_decoder(self.forward_encoder(tokens * keep.unsqueeze(-1).to(tokens.dtype)))
             return pred, 1 - keep, keep
         with torch.no_grad():
             keep = (scorer or uniform_keep_scores)(tokens)
-        ids_keep, ids_restore, mask = topk_masking(keep, self.num_visible)
+        # Uniform noise has no ties: skipping the tie-break keeps plain MAE's masks exactly MAE's.
+        ids_keep, ids_restore, mask = topk_masking(keep, self.num_visible, break_ties=scorer is not None)
         pred = self.forward_decoder(self.forward_encoder(tokens, ids_keep), ids_restore)
         return pred, mask, keep
 
@@ -257,7 +261,10 @@ class CurriculumMaskingModule(nn.Module):
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         for block in self.blocks:
             x = block(x)
-        with torch.autocast(x.device.type, enabled=False):
+        # Under a caller's autocast the linear would drop back to half precision; meta tensors (FLOP counting)
+        # have no autocast at all.
+        no_autocast = x.device.type in ("cpu", "cuda")
+        with torch.autocast(x.device.type, enabled=False) if no_autocast else contextlib.nullcontext():
             cls = x[:, 0].float()
             norm, head = self.norm, self.head
             cls = F.layer_norm(cls, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)

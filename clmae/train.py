@@ -147,7 +147,8 @@ def train_one_epoch(run: Setup, state: TrainState, window: MetricsWindow) -> int
     progress = dist.progress(steps, total=run.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch}")
     for _ in progress:
         lam = curriculum_lambda(cfg, state, run.steps_per_epoch)
-        micro_batches = [next(batches)[0].to(run.engines.dtype) for _ in range(accum)]
+        # fp32 images: the MAE casts them to its dtype for the forward; the pixel targets stay fp32.
+        micro_batches = [next(batches)[0].float() for _ in range(accum)]
         poison = faults.nan_loss_due(env.rank, env.world_size, state.global_step + 1)
         metrics = optimizer_step(run.engines, micro_batches, lam, cfg, window.timer, poison_mae_loss=poison)
         state.step_in_epoch += 1
@@ -352,6 +353,12 @@ def set_up(cfg, env) -> tuple[Setup, TrainState]:
             f"global step {state.global_step})"
         )
     tracker = _start_tracking(cfg, env, run_dir, engines, steps_per_epoch, run_id)
+    if module is not None:
+        from clmae.losses import kl_weight_warning
+
+        warning = kl_weight_warning(cfg.loss, cfg.data.batch_size)
+        if warning:
+            dist.log(f"warning: {warning}")
     val_images = _mask_picture_images(cfg, device) if cfg.tracking.mask_images_every_epochs else None
     run = Setup(cfg, env, run_dir, loader, steps_per_epoch, engines, tracker, val_images, iteration_flops(cfg))
     return run, state

@@ -62,7 +62,9 @@ def reference_training(accum_steps: int = 1) -> dict:
     optimisers, schedulers = [], []
     for module, opt in ((mae, cfg.optim), (cmm, cfg.cmm_optim_resolved())):
         peak = peak_lr(opt, global_batch)
-        optimiser = torch.optim.AdamW(param_groups(module, opt.weight_decay, opt.no_decay_names), lr=peak, betas=opt.betas)
+        optimiser = torch.optim.AdamW(
+            param_groups(module, opt.weight_decay, opt.no_decay_names), lr=peak, betas=opt.betas
+        )
         schedule = WarmupCosine(peak, opt.min_lr, opt.warmup_epochs, cfg.train.epochs, STEPS_PER_EPOCH)
         optimisers.append(optimiser)
         schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimiser, schedule))

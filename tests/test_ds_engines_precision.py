@@ -30,7 +30,9 @@ def grads(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
     result = subprocess.run([*cmd, str(worker), str(out_dir)], capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    return torch.load(out_dir / "grads.pt", weights_only=True)
+    return torch.load(out_dir / "grads.pt", weights_only=True) | {
+        "dtypes": json.loads((out_dir / "dtypes.json").read_text())
+    }
 
 
 def columns(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,3 +80,15 @@ def test_communication_dtype_is_honoured_on_its_own(grads, stage):
         assert torch.equal(accum, expected_accum), (stage, engine, accum.unique())
         assert not torch.equal(accum_ref.bfloat16().float(), accum_ref)  # the rounding is visible
         assert torch.equal(comm, torch.full_like(comm, 0.125)) and not torch.equal(comm, comm_ref), (stage, engine)
+
+
+def test_bf16_engines_give_fp32_m_and_fp32_loss_terms(grads):
+    """SPEC section 9: the reference computes m and the CMM's losses in fp32 (fp16 autocast); so do we on bf16
+    engines: the CMM's head, L_rec / L_rec_soft (pixel targets from fp32 images), L_gauss, L_KL, L_div."""
+    dtypes = grads["dtypes"]
+    assert dtypes["mae_params"] == dtypes["cmm_params"] == "torch.bfloat16", dtypes
+    assert dtypes["m"] == dtypes["1-m"] == "torch.float32", dtypes
+    terms = ("loss", "loss_rec_soft", "loss_gauss", "loss_kl", "loss_div", "loss_cmm", "mask_mean", "mask_entropy")
+    for term in terms:
+        assert dtypes[f"cmm_step/{term}"] == "torch.float32", (term, dtypes)
+    assert dtypes["mae_step/loss"] == dtypes["mae_step/loss_rec"] == "torch.float32", dtypes

@@ -16,6 +16,9 @@ Each stage runs three files: the shipped one, "absent" (the same without `data_t
 `communication_data_type`: DeepSpeed's default) and "commbf16" (fp32 accumulation, bf16 communication).
 Rank 0 writes {config: {engine: {"grad": fp32 tensor, "dtype": str}}} to OUT_DIR/grads.pt.
 
+Then the tiny CL-MAE on zero2_bf16 engines, one iteration of both steps as the training loop runs them (fp32
+images in): rank 0 writes the dtypes of the parameters, of m and of every loss term to OUT_DIR/dtypes.json.
+
 usage: grad_precision_worker.py OUT_DIR
 """
 
@@ -33,6 +36,8 @@ from torch import nn
 from clmae import dist
 from clmae.config import load_config
 from clmae.ds_engines import DS_CONFIG_DIR, build_engines
+from clmae.method import cmm_step, mae_step
+from clmae.models import build_models
 
 ACCUM = 4
 SHAPE = (4, 32)  # 128 values: each ZeRO shard (one per rank) holds columns of both kinds
@@ -107,6 +112,31 @@ def accumulate_and_read(ds_config: str, env) -> dict[str, dict]:
     return out
 
 
+def bf16_step_dtypes(env) -> dict[str, str]:
+    cfg = load_config("tiny_digits", ["train.ds_config=zero2_bf16", "data.batch_size=4"])
+    torch.manual_seed(0)
+    mae, module = build_models(cfg)
+    engines = build_engines(cfg, mae, module, steps_per_epoch=10, world_size=env.world_size)
+    cmm = engines.masking["cmm"]
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(env.rank))
+    dtypes = {
+        "mae_params": str(next(engines.mae.module.parameters()).dtype),
+        "cmm_params": str(next(cmm.module.parameters()).dtype),
+    }
+    loss, metrics = mae_step(engines.mae, engines.strategy.scorer(cmm.module), images, cfg)
+    dtypes.update({f"mae_step/{k}": str(v.dtype) for k, v in {"loss": loss, **metrics}.items()})
+    engines.mae.backward(loss)
+    engines.mae.step()
+    with torch.no_grad():
+        _, hidden, keep = engines.mae.module(images, cmm.module, soft=True)
+    dtypes.update({"m": str(keep.dtype), "1-m": str(hidden.dtype)})
+    loss, metrics = cmm_step(engines.mae.module, cmm, images, -0.5, cfg)
+    dtypes.update({f"cmm_step/{k}": str(v.dtype) for k, v in {"loss": loss, **metrics}.items()})
+    cmm.backward(loss)
+    cmm.step()
+    return dtypes
+
+
 def main() -> None:
     out_dir = Path(sys.argv[1])
     env = dist.init()
@@ -119,8 +149,10 @@ def main() -> None:
                 results[f"zero{stage}_{label}"] = accumulate_and_read(str(path), env)
                 if env.rank == 0:
                     print(f"zero{stage}_{label} read back", flush=True)
+        dtypes = bf16_step_dtypes(env)
         if env.rank == 0:
             torch.save(results, out_dir / "grads.pt")
+            (out_dir / "dtypes.json").write_text(json.dumps(dtypes, indent=1))
         tdist.barrier()
     finally:
         dist.shutdown()
