@@ -248,3 +248,24 @@ def test_cmm_head_is_fp32_in_a_bf16_module():
     torch.testing.assert_close(m, torch.full_like(m, torch.sigmoid(torch.tensor(7.0)).item()))
     m.sum().backward()  # gradients reach the bf16 parameters in their own dtype
     assert cmm.head.bias.grad.dtype == torch.bfloat16 and cmm.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_vit_base_patch8_encoder_loads_strictly_into_timms_own_b8():
+    """The reference's second model: our encoder is timm's vit_base_patch8_224 as timm names it (no size
+    arguments needed), with the same features."""
+    from clmae.weights import check_fits_timm
+
+    torch.manual_seed(0)
+    mae = build_mae("vit_base_patch8").eval()
+    assert mae.num_patches == 784 and timm_encoder_kwargs("vit_base_patch8")["model_name"] == "vit_base_patch8_224"
+    state = mae.encoder_state_dict()
+    check_fits_timm(state, timm_encoder_kwargs("vit_base_patch8"), where="vit_base_patch8")
+    with torch.device("meta"):
+        reference = timm.create_model("vit_base_patch8_224", num_classes=0).eval()
+    reference.load_state_dict(state, strict=True, assign=True)
+    imgs = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ours = mae.forward_encoder(mae.embed_patches(imgs))
+        theirs = reference.forward_features(imgs)
+    assert ours.shape == theirs.shape == (1, 785, 768)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
