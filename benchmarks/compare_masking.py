@@ -277,7 +277,7 @@ def arm_table(results: dict[str, dict[int, dict[str, float]]], epochs: dict[str,
     for label, per_seed in results.items():
         stats = aggregate(per_seed)
         name = f"{label} ({epochs[label]} ep)" if epochs.get(label) else label
-        rows[f"{name}, {len(per_seed)} seeds"] = [f"{mean:.1f} +- {std:.1f}" for mean, std in stats.values()]
+        rows[f"{name}, {len(per_seed)} seed{'s' if len(per_seed) > 1 else ''}"] = [f"{mean:.1f} +- {std:.1f}" for mean, std in stats.values()]
     metrics = list(next(iter(next(iter(results.values())).values())))
     return markdown_table(["arm", *metrics], rows)
 
