@@ -256,7 +256,8 @@ class CurriculumMaskingModule(nn.Module):
 
         m is fp32 whatever the engine's dtype: the head (final norm, linear, sigmoid) runs in fp32 on fp32 copies
         of its weights, so m does not saturate at bf16's 1.0 (logit 6.2) and the CMM's loss terms see full
-        precision (the reference computes them under fp16 autocast, where the sigmoid and losses run in fp32).
+        precision (the reference's fp16 autocast runs the Linear and the sigmoid in fp16, which rounds m to 1.0
+        from a logit of about 8.3).
         """
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         for block in self.blocks:
