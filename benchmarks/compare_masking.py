@@ -277,7 +277,8 @@ def arm_table(results: dict[str, dict[int, dict[str, float]]], epochs: dict[str,
     for label, per_seed in results.items():
         stats = aggregate(per_seed)
         name = f"{label} ({epochs[label]} ep)" if epochs.get(label) else label
-        rows[f"{name}, {len(per_seed)} seed{'s' if len(per_seed) > 1 else ''}"] = [f"{mean:.1f} +- {std:.1f}" for mean, std in stats.values()]
+        seeds = f"{len(per_seed)} seed{'s' if len(per_seed) > 1 else ''}"
+        rows[f"{name}, {seeds}"] = [f"{mean:.1f} +- {std:.1f}" for mean, std in stats.values()]
     metrics = list(next(iter(next(iter(results.values())).values())))
     return markdown_table(["arm", *metrics], rows)
 
