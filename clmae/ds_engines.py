@@ -35,7 +35,6 @@ from clmae.masking import MaskingStrategy, build_strategy
 DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
 
 
-
 def resolve_ds_config(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.suffix == ".json" or os.sep in name_or_path:
