@@ -48,12 +48,15 @@ class RunConfig:
     name: str
     output_dir: str
     seed: int
+    lock_timeout_seconds: float
 
 
 @dataclass
 class DistConfig:
     backend: Literal["auto", "gloo", "nccl"]
     timeout_minutes: int
+    step_timeout_s: float | None
+    signal_grace_s: float
 
 
 @dataclass
@@ -98,6 +101,7 @@ class DataConfig:
     os_cache: bool
     crop_scale: tuple[float, float]
     eval_crop_ratio: float
+    interpolation: Literal["bicubic", "area"]
 
 
 @dataclass
@@ -140,6 +144,7 @@ class CheckpointConfig:
     keep_last: int
     resume: str
     init_from: str | None
+    verify: Literal["full", "size", "none"]
 
 
 @dataclass
@@ -190,7 +195,12 @@ _RANGE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "loss.w_kl": (lambda v: v >= 0, ">= 0"),
     "loss.kl_reference_batch": (lambda v: v is None or v >= 1, ">= 1 or null"),
     "loss.w_div": (lambda v: v >= 0, ">= 0"),
+    "loss.div_scale": (lambda v: v > 0, "> 0"),
+    "run.seed": (lambda v: v >= 0, ">= 0"),
+    "run.lock_timeout_seconds": (lambda v: v > 0, "> 0"),
     "dist.timeout_minutes": (lambda v: v > 0, "> 0"),
+    "dist.step_timeout_s": (lambda v: v is None or v >= 0, ">= 0 (0: no watchdog) or null (derived)"),
+    "dist.signal_grace_s": (lambda v: v >= 0, ">= 0 (0: wait for the step boundary however long)"),
     "data.batch_size": (lambda v: v >= 1, ">= 1"),
     "data.num_workers": (lambda v: v >= 1, ">= 1"),
     "data.crop_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "two numbers 0 < low <= high <= 1"),
@@ -200,6 +210,8 @@ _RANGE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
     "optim.warmup_epochs": (lambda v: v >= 0, ">= 0"),
     "optim.clip_grad": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "cmm_optim.betas": (lambda v: v is None or all(0 <= b < 1 for b in v), "two numbers in [0, 1), or null"),
     "cmm_optim.base_lr": (lambda v: v is None or v > 0, "> 0 or null"),
     "cmm_optim.min_lr": (lambda v: v is None or v >= 0, ">= 0 or null"),
     "cmm_optim.weight_decay": (lambda v: v is None or v >= 0, ">= 0 or null"),
@@ -213,6 +225,7 @@ _RANGE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "checkpoint.every_steps": (lambda v: v >= 1, ">= 1"),
     "checkpoint.keep_last": (lambda v: v >= 1, ">= 1"),
     "tracking.mask_images_every_epochs": (lambda v: v >= 0, ">= 0 (0: never)"),
+    "tracking.experiment": (lambda v: bool(v.strip()), "a non-empty name"),
 }
 
 
@@ -231,7 +244,8 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     path = Path(text).expanduser()
     if path.suffix in (".yaml", ".yml") or os.sep in text:
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            what = "is not a file" if path.exists() else "not found"
+            raise ConfigError(f"config file {what}: {path}")
         return path
     shipped = CONFIG_DIR / f"{text}.yaml"
     if shipped.is_file():
@@ -249,6 +263,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML config (binary content)") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config: {err.strerror}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

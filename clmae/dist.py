@@ -121,16 +121,20 @@ def _slurm_node_addr(host: str) -> str | None:
 
 
 def resolve_master_addr(host: str) -> str:
+    """SLURM's NodeAddr of `host` first: it is how slurmctld itself reaches the node, and it exists where node
+    names are not in DNS (a name lookup there would go to a resolver and fail, or time out). The name itself
+    when SLURM cannot be asked. slurm/lib/pretrain.sh does this once per job and exports MASTER_ADDR, so
+    that the ranks of a large job do not each ask slurmctld."""
+    addr = _slurm_node_addr(host)
+    if addr:
+        return addr
     try:
         socket.gethostbyname(host)
         return host
     except OSError:
-        addr = _slurm_node_addr(host)
-        if addr:
-            return addr
         raise DistError(
-            f"master host '{host}' (first host of SLURM_JOB_NODELIST) does not resolve and "
-            "`scontrol show node` gave no NodeAddr; set MASTER_ADDR explicitly"
+            f"master host '{host}' (first host of SLURM_JOB_NODELIST) has no NodeAddr in `scontrol show node` "
+            "and does not resolve; set MASTER_ADDR explicitly"
         ) from None
 
 
@@ -213,6 +217,33 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def exit_with_launcher(environ: Mapping[str, str] | None = None, interval: float = 0.5) -> bool:
+    """Make this rank die (SIGKILL) as soon as the process that launched it does.
+
+    torchrun and the deepspeed launcher start their workers in sessions of their own, so a SIGKILL of the
+    launcher (or of its process group) leaves them training, checkpointing and logging on their own, beside
+    the run that is resumed next. A thread watches the parent pid instead of prctl(PR_SET_PDEATHSIG): that
+    fires when the launcher's *thread* that forked us ends, which is not the launcher's death. Only for
+    ranks started by a launcher (RANK or an srun step in the environment): a single process may outlive
+    its shell on purpose (nohup). Returns whether the watch runs.
+    """
+    env = os.environ if environ is None else environ
+    if not ("RANK" in env or "SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
+        return False
+    import signal
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="clmae-launcher-watch", daemon=True).start()
+    return True
 
 
 _ENV: DistEnv | None = None

@@ -10,7 +10,8 @@ and preemption handled at optimiser-step boundaries. The loop's state is a `Trai
 takes at a boundary are `agree` (one collective), `MetricsWindow.report` and `checkpoint_reason`.
 
 Exit codes: 0 finished (or `train.stop_at_step` reached), 75 preempted and checkpointed (the SLURM
-scripts requeue on it), 2 bad input, 1 a crash or a diverged loss.
+scripts requeue on it), 124 hung (clmae/watchdog.py: no step within dist.step_timeout_s; the scripts requeue it as
+a crash), 2 bad input, 1 a crash or a diverged loss.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from clmae import watchdog
 from clmae.cli import add_config_arguments, run_main
 
 EXIT_REQUEUE = 75  # sysexits EX_TEMPFAIL: "try again later", what a preempted run asks of its scheduler
@@ -37,6 +39,7 @@ _stop_signal: list[int] = []
 
 def _request_stop(signum, _frame) -> None:
     _stop_signal.append(signum)
+    watchdog.signalled()  # a rank that cannot reach the step boundary within the grace period dumps and exits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +57,9 @@ class TrainingDiverged(RuntimeError):
 
 
 def main() -> None:
+    from clmae.dist import exit_with_launcher
+
+    exit_with_launcher()  # no orphaned ranks: a rank dies with its launcher (issue 18, section 3)
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, _request_stop)
     # DeepSpeed 0.19 calls a torch collective that torch 2.14 deprecates, once per step per rank.
@@ -69,6 +75,9 @@ def _main() -> int:
     if args.print_config:
         sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    from clmae.preflight import check_pretrain
+
+    check_pretrain(cfg)  # bad input fails here, in seconds, before any process group or model exists
     return train(cfg)
 
 
@@ -103,16 +112,20 @@ class Setup:
 def train(cfg) -> int:
     """Pre-train per `cfg` on the ranks of this launch; returns the exit code."""
     from clmae import dist
+    from clmae.runlock import hold_run_dir
 
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_minutes)
-    run = None
+    run = run_lock = None
     try:
+        # One writer per run directory: taken before anything in it is read or written.
+        run_lock = hold_run_dir(Path(cfg.run.output_dir) / cfg.run.name, cfg.run.lock_timeout_seconds)
         run, state = set_up(cfg, env)
         if state.epoch >= cfg.train.epochs:
             dist.log(f"nothing to do: the run already finished its {cfg.train.epochs} epochs")
             run.tracker.finish()
             return 0
         window = MetricsWindow(env.device)
+        watchdog.start(cfg.dist, env.rank)
         while state.epoch < cfg.train.epochs:
             code = train_one_epoch(run, state, window)
             if code is not None:
@@ -128,6 +141,9 @@ def train(cfg) -> int:
             run.tracker.finish("FAILED")
         return 1
     finally:
+        watchdog.stop()
+        if run_lock is not None:
+            run_lock.release()
         dist.shutdown()
 
 
@@ -148,12 +164,13 @@ def train_one_epoch(run: Setup, state: TrainState, window: MetricsWindow) -> int
         lam = curriculum_lambda(cfg, state, run.steps_per_epoch)
         # fp32 images: the MAE casts them to its dtype for the forward; the pixel targets stay fp32.
         micro_batches = [next(batches)[0].float() for _ in range(accum)]
-        poison = faults.nan_loss_due(env.rank, env.world_size, state.global_step + 1)
+        poison = faults.at_step(env.rank, env.world_size, state.global_step + 1)
         metrics = optimizer_step(run.engines, micro_batches, lam, cfg, window.timer, poison_mae_loss=poison)
         state.step_in_epoch += 1
         state.global_step += 1
 
         non_finite, stop = agree(metrics, stop_requested=bool(_stop_signal))
+        watchdog.step_done()  # every rank got through the step's collectives
         if non_finite:
             raise TrainingDiverged(
                 f"non-finite loss at global step {state.global_step} (epoch {state.epoch}): {', '.join(non_finite)}; "

@@ -27,6 +27,7 @@ from clmae.checkpoint import (
     find_latest,
     is_complete,
     read_client_state,
+    verify_checkpoint,
 )
 from clmae.config import Config, ConfigError, build_config
 from clmae.models import MaskedAutoencoderViT
@@ -43,10 +44,12 @@ def resolve_step_dir(path: str | os.PathLike) -> Path:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory or file")
     if path.is_dir() and is_complete(path):
+        verify_checkpoint(path)  # refuses a truncated or altered file, naming it
         return path
     if path.is_dir():
         found = find_latest(path)
         if found is not None:
+            verify_checkpoint(found)
             return found
     raise CheckpointError(
         f"{path}: not a clmae checkpoint (expected a run directory with checkpoints/step_*/COMPLETE, "
@@ -60,13 +63,18 @@ def complete_step_dirs(run_dir: str | os.PathLike) -> list[Path]:
     steps = sorted(p for p in root.glob("step_*") if STEP_DIR_PATTERN.match(p.name) and is_complete(p))
     if not steps:
         raise CheckpointError(f"{run_dir}: no complete checkpoints under {root}")
+    for step_dir in steps:
+        verify_checkpoint(step_dir)
     return steps
 
 
 def checkpoint_config(step_dir: Path) -> Config:
     """The full config the checkpoint was trained with (saved in its client state)."""
-    try:
-        return build_config(read_client_state(step_dir).config)
+    from clmae.config import CONFIG_DIR, DEFAULTS_NAME, deep_merge, read_yaml
+
+    try:  # over the defaults: keys added to clmae after the checkpoint was written take their default
+        defaults = read_yaml(CONFIG_DIR / f"{DEFAULTS_NAME}.yaml")
+        return build_config(deep_merge(defaults, read_client_state(step_dir).config))
     except ConfigError as err:
         raise CheckpointError(f"{step_dir}: its saved config is not valid for this version of clmae: {err}") from err
 
@@ -247,8 +255,11 @@ class EncoderSource:
 def load_encoder(source: str | os.PathLike) -> EncoderSource:
     """The encoder of a checkpoint directory (run or step; consolidated from its ZeRO shards) or of a weights
     file (an encoder exported by clmae-export, a full MAE, or facebookresearch/mae's `{"model": ...}`)."""
+    from clmae.preflight import check_weights
+
     path = Path(source).expanduser()
     if path.is_file():
+        check_weights(path, "checkpoint")  # a damaged or foreign file: one line, before torch.load
         state = split_encoder(read_weights_file(path))
         if not state:
             raise CheckpointError(f"{path}: holds no encoder weights (a masking-module export?)")

@@ -59,3 +59,21 @@ def test_gpu_throughput_cpu_smoke_mode_reports_flops_and_mfu(tmp_path):
     # Plain MAE has no CMM step; CL-MAE's iteration does both steps, several times the MAE's FLOPs.
     assert rows["mae"]["flops_per_image"]["cmm_step"] == 0
     assert rows["clmae"]["flops_per_image"]["total"] > 3 * rows["mae"]["flops_per_image"]["total"]
+
+
+def test_verify_checkpoint_times_the_manifest_on_a_real_layout(tmp_path):
+    out = tmp_path / "verify.json"
+    args = ["--model", "vit_tiny", "--ranks", "2", "--repeat", "1", "--dir", str(tmp_path), "--json", str(out)]
+    run_script("verify_checkpoint.py", *args)
+    rows = {row["what"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {
+        "manifest at save, one process (page cache warm)",
+        "verify full, page cache warm",
+        "verify full, page cache cold",
+        "verify size",
+    }
+    # vit_tiny MAE + CMM, ZeRO-2 bf16: 2 bytes of weights and 12 of fp32 optimiser state per parameter.
+    params = rows["verify size"]["params"]
+    assert abs(rows["verify size"]["gib"] * 2**30 - 14 * (params["mae"] + params["cmm"])) < 100_000
+    assert all(row["seconds"] > 0 for row in rows.values())
+    assert not list(tmp_path.glob("clmae-verify-*"))  # cleaned up

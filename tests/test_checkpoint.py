@@ -78,3 +78,110 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+# --------------------------------------------------------------------------------------------------
+# Integrity: the manifest (issue 18, section 2)
+# --------------------------------------------------------------------------------------------------
+
+
+def manifested_checkpoint(run_dir, step: int, keep_last: int = 5):
+    """A step directory laid out like a 2-rank save, committed (manifest, COMPLETE, latest) by the real code."""
+    from clmae.checkpoint import _commit
+
+    path = checkpoint_root(run_dir) / step_dir_name(step)
+    (path / "mae" / "state").mkdir(parents=True)
+    (path / "rng").mkdir()
+    (path / "mae" / "state" / "mp_rank_00_model_states.pt").write_bytes(bytes(range(256)) * 64)
+    for rank in (0, 1):
+        (path / "mae" / "state" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"o" * 9000)
+        (path / "rng" / f"rank_{rank:05d}.pt").write_bytes(b"r" * 100)
+    (path / "client_state.json").write_text(json.dumps({"global_step": step}))
+    _commit(path, [{}], keep_last=keep_last)
+    return path
+
+
+def test_manifest_lists_every_file_and_complete_holds_its_hash(tmp_path):
+    import hashlib
+
+    from clmae.checkpoint import MANIFEST_FILE, verify_checkpoint
+
+    path = manifested_checkpoint(tmp_path, 4)
+    manifest_text = (path / MANIFEST_FILE).read_text()
+    files = json.loads(manifest_text)["files"]
+    assert sorted(files) == [
+        "client_state.json",
+        "mae/state/mp_rank_00_model_states.pt",
+        "mae/state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "mae/state/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "rng/rank_00000.pt",
+        "rng/rank_00001.pt",
+    ]
+    shard = path / "mae/state/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    assert files["mae/state/zero_pp_rank_1_mp_rank_00_optim_states.pt"] == {
+        "size": 9000,
+        "sha256": hashlib.sha256(shard.read_bytes()).hexdigest(),
+    }
+    marker = (path / COMPLETE_MARKER).read_text().split()
+    assert marker == [MANIFEST_FILE, "sha256", hashlib.sha256(manifest_text.encode()).hexdigest()]
+    report = verify_checkpoint(path)
+    assert report.verified and report.files == 6 and report.bytes == 16384 + 2 * 9000 + 200 + len('{"global_step": 4}')
+
+
+@pytest.mark.parametrize(
+    ("damage", "mode", "message"),
+    [
+        ("truncate", "size", r"zero_pp_rank_1_mp_rank_00_optim_states\.pt: 4000 bytes, the manifest says 9000"),
+        ("flip", "full", r"zero_pp_rank_1_mp_rank_00_optim_states\.pt: content altered \(sha256 differs"),
+        ("delete", "size", r"zero_pp_rank_1_mp_rank_00_optim_states\.pt: missing"),
+        ("manifest", "size", r"MANIFEST\.json: altered"),
+    ],
+)
+def test_verify_names_the_damaged_file(tmp_path, damage, mode, message):
+    from clmae.checkpoint import MANIFEST_FILE, CheckpointIntegrityError, verify_checkpoint
+
+    path = manifested_checkpoint(tmp_path, 4)
+    shard = path / "mae/state/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    if damage == "truncate":
+        with open(shard, "r+b") as handle:
+            handle.truncate(4000)
+    elif damage == "flip":
+        data = bytearray(shard.read_bytes())
+        data[1234] ^= 1
+        shard.write_bytes(bytes(data))
+    elif damage == "delete":
+        shard.unlink()
+    else:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        manifest["files"]["mae/state/zero_pp_rank_1_mp_rank_00_optim_states.pt"]["size"] = 4000
+        (path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    with pytest.raises(CheckpointIntegrityError, match=message):
+        verify_checkpoint(path, mode)
+    if damage == "flip":  # a flipped bit keeps the size: only a full check sees it
+        assert verify_checkpoint(path, "size").verified
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_sets_it_aside(tmp_path):
+    from clmae.checkpoint import CheckpointIntegrityError
+
+    manifested_checkpoint(tmp_path, 2)
+    newest = manifested_checkpoint(tmp_path, 4)
+    with open(newest / "mae/state/mp_rank_00_model_states.pt", "r+b") as handle:
+        handle.truncate(10)
+    cfg = load_config("tiny_digits")
+    assert resolve_resume(cfg, tmp_path).name == step_dir_name(2)
+    names = sorted(p.name for p in checkpoint_root(tmp_path).iterdir())
+    assert names[0].startswith(f"damaged_{step_dir_name(4)}.") and names[1:] == [LATEST_FILE, step_dir_name(2)]
+    # An explicit step directory that fails its manifest is refused, never replaced by another.
+    damaged = checkpoint_root(tmp_path) / names[0]
+    (damaged.with_name(step_dir_name(4))).symlink_to(damaged)
+    explicit = load_config("tiny_digits", [f"checkpoint.resume={checkpoint_root(tmp_path) / step_dir_name(4)}"])
+    with pytest.raises(CheckpointIntegrityError, match=r"mp_rank_00_model_states\.pt: 10 bytes"):
+        resolve_resume(explicit, tmp_path)
+
+
+def test_a_checkpoint_from_before_manifests_is_accepted_unverified(tmp_path):
+    from clmae.checkpoint import verify_checkpoint
+
+    report = verify_checkpoint(fake_checkpoint(tmp_path, 3))
+    assert not report.verified and report.files == 0

@@ -113,6 +113,14 @@ def test_wrong_type_names_key_value_and_expected_type(override, message):
         "data.batch_size=0",
         "loss.gauss_sigma=-1",
         "data.crop_scale=[0.9,0.2]",
+        "run.seed=-1",
+        "loss.div_scale=0",
+        "optim.betas=[0.9, 1.0]",
+        "cmm_optim.betas=[-0.1, 0.9]",
+        "tracking.experiment=' '",
+        "train.log_every=0",
+        "train.epochs=0",
+        "checkpoint.keep_last=0",
     ],
 )
 def test_out_of_range_values_are_refused_by_key(override):
@@ -137,7 +145,7 @@ def test_missing_key_is_named():
 def test_unknown_config_name_and_missing_path(tmp_path):
     with pytest.raises(ConfigError, match=r"no shipped config named 'tiny_digit' \(did you mean 'tiny_digits'\?\)"):
         load_config("tiny_digit")
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(ConfigError, match="config file not found: "):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")

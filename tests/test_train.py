@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,9 @@ def free_port() -> int:
 class Run:
     """One training launch: two rank processes writing to log files."""
 
-    def __init__(self, run_dir: Path, digits: Path, overrides: list[str], fault: str | None = None):
+    def __init__(
+        self, run_dir: Path, digits: Path, overrides: list[str], fault: str | None = None, file_size_limit: int = 0
+    ):
         self.run_dir = run_dir
         self.logs = [run_dir.parent / f"{run_dir.name}-rank{r}-{time.monotonic_ns()}.log" for r in (0, 1)]
         args = [
@@ -71,8 +74,12 @@ class Run:
             env.pop("MLFLOW_TRACKING_URI", None)  # the store in the run directory, which the checks read
             if fault:
                 env["CLMAE_FAULT"] = fault
+            # The file-size limit on the last rank only: a rank failing alone is the harder case to agree on.
+            limit = partial(_limit_file_size, file_size_limit) if file_size_limit and rank == 1 else None
             with open(log, "w") as handle:
-                self.procs.append(subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env))
+                self.procs.append(
+                    subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, preexec_fn=limit)
+                )
 
     def output(self, rank: int = 0) -> str:
         return self.logs[rank].read_text()
@@ -102,6 +109,13 @@ class Run:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
+
+
+def _limit_file_size(limit: int) -> None:
+    """RLIMIT_FSIZE: a write past `limit` bytes fails with EFBIG, as on a full disk (Python ignores SIGXFSZ)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -251,3 +265,126 @@ def test_checkpoint_reason_names_the_first_that_applies():
     assert checkpoint_reason(cfg, TrainState(1, 3, 9), stop=False, epoch_done=False) == "stop_at_step"
     assert checkpoint_reason(cfg, TrainState(2, 0, 8), stop=False, epoch_done=True) == "finished"
     assert checkpoint_reason(cfg, TrainState(2, 0, 8), stop=True, epoch_done=True) == "preemption signal"
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 18: checkpoints that prove they are whole, a save that fails, one writer per run directory
+# --------------------------------------------------------------------------------------------------
+
+
+def copy_of(reference: Path, run_dir: Path, keep_up_to: int) -> Path:
+    """The reference run directory with its checkpoints after step `keep_up_to` removed (as if it had
+    stopped there); its MLflow run already holds every step, so nothing is logged twice."""
+    import shutil
+
+    shutil.copytree(reference, run_dir)
+    for step_dir in checkpoint_root(run_dir).glob("step_*"):
+        if int(step_dir.name.split("_")[1]) > keep_up_to:
+            shutil.rmtree(step_dir)
+    (checkpoint_root(run_dir) / "latest").write_text(f"step_{keep_up_to:09d}\n")
+    return run_dir
+
+
+def test_a_damaged_checkpoint_is_refused_by_export_and_eval_and_resume_falls_back(uninterrupted, tmp_path, digits):
+    run_dir = copy_of(uninterrupted[0], tmp_path / "damaged", keep_up_to=STEPS)
+    shard = checkpoint_root(run_dir) / f"step_{STEPS:09d}" / "mae" / "state" / "mp_rank_00_model_states.pt"
+    with open(shard, "r+b") as handle:  # a shard cut short, as by a full quota on a shared filesystem
+        handle.truncate(shard.stat().st_size // 2)
+    for command in (
+        ["clmae.export", str(run_dir), "--out", str(tmp_path / "encoder.safetensors")],
+        ["clmae.evaluate", "knn", str(run_dir)],
+    ):
+        refused = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert f"error: {shard}: " in refused.stderr and "the manifest says" in refused.stderr, refused.stderr
+    assert not (tmp_path / "encoder.safetensors").exists()
+
+    resumed = Run(run_dir, digits, [f"train.stop_at_step={STEPS}"])
+    assert resumed.wait() == [0, 0], resumed.output()[-3000:]
+    output = resumed.output()
+    assert f"warning: {shard}: " in output and "falling back to the previous complete checkpoint" in output
+    assert "resumed from" in output and "global step 4)" in output
+    assert len(list(checkpoint_root(run_dir).glob(f"damaged_step_{STEPS:09d}.*"))) == 1  # kept for inspection
+    assert_same_training(run_dir, uninterrupted[0])
+
+
+def test_a_save_that_fails_keeps_latest_and_older_checkpoints_and_names_path_and_cause(
+    uninterrupted, tmp_path, digits
+):
+    from clmae.checkpoint import verify_checkpoint
+
+    run_dir = copy_of(uninterrupted[0], tmp_path / "full", keep_up_to=2)
+    shard_size = max(f.stat().st_size for f in (checkpoint_root(run_dir) / "step_000000002").rglob("*.pt"))
+    # A real write failure: on rank 1, every write past this size fails with EFBIG, its shard of step 4
+    # with it, while rank 0 writes its own files (tracking off: the MLflow store is not what is tested).
+    failing = Run(
+        run_dir,
+        digits,
+        [f"train.stop_at_step={STEPS}", "tracking.enabled=false"],
+        file_size_limit=shard_size // 2,
+    )
+    assert failing.wait() == [2, 2], failing.output()[-3000:]
+    output = failing.output()
+    step4 = checkpoint_root(run_dir) / "step_000000004"
+    assert f"error: checkpoint {step4} could not be saved and was removed (`latest` is still step_000000002)" in output
+    assert f"rank 1: {step4 / 'mae'}: writing failed" in output, output[-3000:]
+    assert f"file size limit (ulimit -f) {shard_size // 2:,} bytes" in output
+    assert not step4.exists()
+    assert find_latest(run_dir).name == "step_000000002" and verify_checkpoint(find_latest(run_dir)).verified
+    resumed = Run(run_dir, digits, [f"train.stop_at_step={STEPS}"])
+    assert resumed.wait() == [0, 0], resumed.output()[-3000:]
+    assert_same_training(run_dir, uninterrupted[0])
+
+
+def test_one_writer_per_run_directory_and_ranks_die_with_their_launcher(tmp_path, digits):
+    import psutil
+
+    run_dir = tmp_path / "one_writer"
+    log = tmp_path / "first.log"
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "clmae.train", "--config", "tiny_digits",
+        f"run.output_dir={tmp_path}", f"run.name={run_dir.name}",
+        f"data.train_path={digits / 'train.beton'}", f"data.val_path={digits / 'val.beton'}",
+        "data.batch_size=16", "train.epochs=50", "train.log_every=1", "checkpoint.every_steps=2",
+        "tracking.system_metrics=false", "tracking.mask_images_every_epochs=0",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SLURM_JOB_ID="31337")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(log, "w") as handle:
+        launcher = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    workers: list = []
+    try:
+        deadline = time.monotonic() + 600
+        while "step 3 (epoch 0)" not in log.read_text():
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        workers = psutil.Process(launcher.pid).children(recursive=True)
+        config_before = (run_dir / "config.yaml").stat().st_mtime_ns
+
+        second = Run(run_dir, digits, ["run.lock_timeout_seconds=2", "train.epochs=50"])
+        assert second.wait() == [2, 2], second.output()[-3000:]
+        refusal = [line for line in second.output().splitlines() if line.startswith("error: ")]
+        assert len(refusal) == 1 and "is in use by another live run (host " in refusal[0]
+        assert "job id 31337" in refusal[0] and "pid " in refusal[0]
+        assert (run_dir / "config.yaml").stat().st_mtime_ns == config_before
+        metric_history(run_dir)  # still exactly one MLflow run
+
+        launcher.send_signal(signal.SIGKILL)  # the launcher alone: its workers run in their own sessions
+        launcher.wait()
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"ranks outlived their launcher: {alive}"
+    finally:
+        for proc in workers:
+            if proc.is_running():
+                proc.kill()
+        if launcher.poll() is None:
+            launcher.kill()
+        launcher.wait()
+    stopped_at = read_client_state(find_latest(run_dir)).global_step
+    third = Run(run_dir, digits, [f"train.stop_at_step={stopped_at + 2}", "train.epochs=50"])
+    assert third.wait() == [0, 0], third.output()[-3000:]
+    assert "took over from a dead run" in third.output() and "resumed from" in third.output()
+    _, history = metric_history(run_dir)
+    steps = [step for step, _ in history["mae/loss"]]
+    assert steps == list(range(1, stopped_at + 3)), f"steps logged twice or missing: {steps}"
