@@ -35,8 +35,8 @@ export DS_BUILD_OPS := 0
 help:
 	@echo "make demo             set up, then run CL-MAE end to end on the bundled digits set (2 CPU ranks)"
 	@echo "make test             set up, then run ruff and the whole test suite"
-	@echo "make compare-masking  set up, then random masking vs the CL-MAE curriculum on digits: probes side by side"
-	@echo "                      (DATASET=fashion: on Fashion-MNIST, about 65 min on 2 cores)"
+	@echo "make compare-masking  set up, then none, MAE at equal epochs and at equal FLOPs, CL-MAE, 2 seeds: probes side by side"
+	@echo "                      (DATASET=digits, the default, or fashion: Fashion-MNIST)"
 	@echo "make setup            system packages, $(VENV), Python packages, DeepSpeed op warm-up (idempotent)"
 	@echo "make lint             ruff check + shellcheck"
 	@echo "variables: TORCH_SPEC='$(TORCH_SPEC)' TORCH_INDEX_URL='$(TORCH_INDEX_URL)' SYSTEM_DEPS=$(SYSTEM_DEPS)"
@@ -90,10 +90,10 @@ DEMO_ARGS ?=
 demo: setup
 	$(BIN)/python -m clmae.demo $(DEMO_ARGS)
 
-# Random masking (plain MAE) vs the CL-MAE curriculum vs no pre-training: few-shot probes and k-NN side by
-# side (benchmarks/compare_masking.py; a rerun reuses what is done). DATASET=digits (15-20 min on 2 cores) or
-# fashion (Fashion-MNIST, 2 epochs: about 65 min on 2 cores; results in runs/compare_masking_fashion).
-# COMPARE_ARGS go to the script, e.g. COMPARE_ARGS="--epochs 2 --out-dir runs/compare_masking_2ep".
+# Four arms: no pre-training, MAE at equal epochs, MAE at equal FLOPs, CL-MAE; 2 pre-training seeds each,
+# mean +- std (benchmarks/compare_masking.py; a rerun reuses what is done). DATASET=digits (about an hour on 2
+# idle cores) or fashion (Fashion-MNIST; results in runs/compare_masking_fashion).
+# COMPARE_ARGS go to the script, e.g. COMPARE_ARGS="--epochs 2 --seeds 0 --out-dir runs/compare_masking_2ep".
 DATASET ?= digits
 COMPARE_ARGS ?=
 compare-masking: setup

@@ -1,35 +1,43 @@
 """Random masking (plain MAE) against the CL-MAE curriculum, and against no pre-training, on digits or Fashion-MNIST.
 
-A small-scale version of the paper's comparison. The same tiny model (config `tiny_digits`: vit_tiny at 32 px,
-DeepSpeed ZeRO-2 on 2 CPU ranks) is pre-trained on the bundled digits set twice, from the same seed:
+A small-scale version of the paper's comparison, at equal epochs and at equal compute. The same tiny model
+(config `tiny_digits`: vit_tiny at 32 px, DeepSpeed ZeRO-2 on 2 CPU ranks) is pre-trained on the bundled
+digits set from each of the pre-training seeds (`--seeds`, default 0 and 1), in four arms:
 
-- MAE: `masking.mode=random`, plain MAE with uniformly random masks;
+- no pre-training: the encoder the pre-training runs start from (`run.seed`), exported as a weights file;
+- MAE, equal epochs: `masking.mode=random`, plain MAE with uniformly random masks, `--epochs` epochs;
+- MAE, equal FLOPs: the same, for the epochs whose counted training FLOPs match the CL-MAE run's
+  (`clmae.method.iteration_flops`: the CL-MAE iteration, MAE step + CMM step, over the MAE iteration, times
+  `--epochs`, rounded; the same batch, so the same iterations per epoch);
 - CL-MAE: `masking.mode=curriculum` (the default), masks from the learned curriculum masking module,
-  partner to adversary over the epochs.
+  partner to adversary over `--epochs` epochs.
 
-A third row is the same encoder before any training: the weights both runs start from (`run.seed`), exported
-as a weights file. Each encoder is evaluated frozen with `clmae-eval`: few-shot linear probes (1, 2, 4, 8 and
-16 labelled images per class, 3 seeds, mean +- std) and k-NN. The results go into one table, rows by method.
+Each encoder is evaluated frozen with `clmae-eval`: few-shot linear probes (1, 2, 4, 8 and 16 labelled
+images per class, 3 probe seeds, mean +- std) and k-NN. The table has one row per arm: the mean +- std over
+the pre-training seeds (the few-shot cell of one seed is the mean over its probe seeds); a second table
+has every seed's row.
 
 Every stage is an existing command, as `make demo` runs it: `python -m data_prep digits` if the .beton files
 are missing, `torchrun --standalone --nproc_per_node 2 -m clmae.train --config tiny_digits`, and
 `clmae-eval fewshot|knn`. A rerun skips what is done: a finished pre-training is not launched again (an
 interrupted one resumes, `checkpoint.resume=auto`), and an evaluation JSON of the same checkpoint is reused.
-Extra `section.key=value` arguments go to both pre-trainings. Results: a markdown table on stdout, with the
-machine and the wall time of each stage, and `results.json` + `results.md` in `--out-dir`.
+Extra `section.key=value` arguments go to every pre-training. Results: markdown tables on stdout, with the
+machine and the wall time of each stage, and `results.json` + `results.md` in `--out-dir` (rewritten after
+each arm, marked partial until all are done).
 
     python benchmarks/compare_masking.py                    # or: make compare-masking
-    python benchmarks/compare_masking.py --epochs 2 --out-dir runs/compare_masking_2ep
+    python benchmarks/compare_masking.py --epochs 2 --seeds 0 --out-dir runs/compare_masking_2ep
     python benchmarks/compare_masking.py --dataset fashion  # or: make compare-masking DATASET=fashion
 
 `--dataset fashion` runs the same comparison on Fashion-MNIST (60,000 training images; config `tiny_fashion`,
-data from `clmae-prep fashion-mnist`, 2 epochs unless --epochs says otherwise): about 65 minutes on 2 idle
-cores (CL-MAE ~18 min per epoch, MAE ~6, each evaluation ~4 min; estimated from measured per-image costs).
+data from `clmae-prep fashion-mnist`, 2 epochs unless --epochs says otherwise). The earlier 3-arm, 1-seed
+version was estimated at about 65 minutes on 2 idle cores (CL-MAE ~18 min per epoch, MAE ~6, each evaluation
+~4 min); with the equal-FLOP arm and two seeds, expect several hours.
 
-On 2 CPU cores the default run takes 15 to 20 minutes; a rerun of a finished benchmark, a few seconds. Measured
-on an otherwise idle 2-core machine: the CL-MAE pre-training takes 9.5 minutes (about 55 img/s: on this tiny
-model a CL-MAE iteration has 5.4x the FLOPs of an MAE iteration), the MAE pre-training about 3 minutes, and each
-evaluation 15 to 35 seconds.
+Measured on an otherwise idle 2-core machine, per seed at 20 epochs: the CL-MAE pre-training takes 9.5 minutes
+(about 55 img/s: on this tiny model a CL-MAE iteration has 5.4x the FLOPs of an MAE iteration), the MAE
+pre-training about 3 minutes at equal epochs and about 15 at equal FLOPs, and each evaluation 15 to 35
+seconds: about an hour for the default two seeds.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -75,14 +84,16 @@ KNN_LABELS = {
 
 @dataclass(frozen=True)
 class Method:
-    name: str  # subdirectory of --out-dir
+    name: str  # subdirectory of --out-dir (with the seed appended)
     label: str  # row of the table
     overrides: tuple[str, ...]  # pre-training overrides; () = no pre-training
+    equal_flops: bool = False  # train for the CL-MAE run's FLOPs instead of its epochs
 
 
 METHODS = (
     Method("random_init", "no pre-training (random init)", ()),
-    Method("mae_random", "MAE (random masking)", ("masking.mode=random",)),
+    Method("mae_random", "MAE, equal epochs", ("masking.mode=random",)),
+    Method("mae_equal_flops", "MAE, equal FLOPs", ("masking.mode=random",), equal_flops=True),
     Method("clmae_curriculum", "CL-MAE (curriculum)", ("masking.mode=curriculum",)),
 )
 
@@ -95,39 +106,63 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="digits", help="what to pre-train and probe on")
     parser.add_argument("--data-dir", type=Path, default=None, help="train.beton + val.beton (default: data/<dataset>)")
     parser.add_argument(
-        "--epochs", type=int, default=None, help="pre-training epochs (train.epochs); default 20 (digits), 2 (fashion)"
+        "--epochs",
+        type=int,
+        default=None,
+        help="pre-training epochs of CL-MAE and equal-epoch MAE; default 20 (digits), 2 (fashion)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="run.seed: initial weights, masks, data order")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1], help="pre-training seeds (run.seed: weights, masks, order)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="more pre-training overrides")
     args = parser.parse_args()
     args.data = DATASETS[args.dataset]
     args.data_dir = args.data_dir or args.data.data_dir
     args.epochs = args.epochs or args.data.epochs
     args.out_dir = args.out_dir or args.data.out_dir
-    if any(item.startswith("masking.mode=") for item in args.overrides):
-        parser.error("masking.mode is what this benchmark varies; leave it out of the overrides")
+    if any(item.startswith(("masking.mode=", "train.epochs=", "run.seed=")) for item in args.overrides):
+        parser.error("masking.mode, train.epochs and run.seed are what this benchmark varies; leave them out")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds: each seed once, got {args.seeds}")
     from clmae.config import load_config
     from clmae.errors import ClmaeError
 
     try:  # a wrong key or value fails here, in seconds, not after the first pre-training
         for method in METHODS:
-            load_config(args.data.config, pretrain_overrides(args, method))
+            load_config(args.data.config, pretrain_overrides(args, method, args.seeds[0], args.epochs))
     except ClmaeError as err:
         parser.error(str(err))
     return args
+
+
+def equal_flop_epochs(args: argparse.Namespace) -> tuple[int, dict[str, float]]:
+    """MAE epochs whose training FLOPs match `args.epochs` CL-MAE epochs, and the counts per image."""
+    from clmae.config import load_config
+    from clmae.method import iteration_flops
+
+    def per_image(mode: str) -> float:
+        cfg = load_config(args.data.config, [*args.overrides, f"masking.mode={mode}"])
+        return sum(iteration_flops(cfg).values())
+
+    flops = {"mae": per_image("random"), "clmae": per_image("curriculum")}
+    return max(1, round(args.epochs * flops["clmae"] / flops["mae"])), flops
 
 
 def data_overrides(data_dir: Path) -> list[str]:
     return [f"data.train_path={data_dir / 'train.beton'}", f"data.val_path={data_dir / 'val.beton'}"]
 
 
-def pretrain_overrides(args: argparse.Namespace, method: Method) -> list[str]:
+def run_name(method: Method, seed: int) -> str:
+    return f"{method.name}_seed{seed}"
+
+
+def pretrain_overrides(args: argparse.Namespace, method: Method, seed: int, epochs: int) -> list[str]:
     """The method's overrides come last, so that they win."""
     return [
         f"run.output_dir={args.out_dir}",
-        f"run.name={method.name}",
-        f"run.seed={args.seed}",
-        f"train.epochs={args.epochs}",
+        f"run.name={run_name(method, seed)}",
+        f"run.seed={seed}",
+        f"train.epochs={epochs}",
         "tracking.system_metrics=false",
         *data_overrides(args.data_dir),
         *args.overrides,
@@ -179,23 +214,23 @@ def prepare_data(args: argparse.Namespace, stages: Stages) -> None:
     stages.command(name, [sys.executable, "-m", "data_prep", args.data.prep, str(data_dir), "--overwrite"])
 
 
-def pretrain(args: argparse.Namespace, method: Method, stages: Stages) -> Path:
+def pretrain(args: argparse.Namespace, method: Method, seed: int, epochs: int, stages: Stages) -> Path:
     """The run's newest checkpoint after pre-training it (or finding it already finished)."""
     from clmae.checkpoint import find_latest, read_client_state
 
-    run_dir = args.out_dir / method.name
-    name = f"pre-train {method.label}"
+    run_dir = args.out_dir / run_name(method, seed)
+    name = f"pre-train {method.label}, {epochs} epochs, seed {seed}"
     latest = find_latest(run_dir)
     if latest is not None:
         state = read_client_state(latest)
-        if state.epoch >= args.epochs and state.config["train"]["epochs"] == args.epochs:
+        if state.epoch >= epochs and state.config["train"]["epochs"] == epochs:
             print(f"\n=== {name}: finished earlier ({latest}, {state.global_step} steps)", flush=True)
             stages.reuse(name)
             return latest
     stages.command(
         name,
         [console_script("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "clmae.train"]
-        + ["--config", args.data.config, *pretrain_overrides(args, method)],
+        + ["--config", args.data.config, *pretrain_overrides(args, method, seed, epochs)],
         OMP_NUM_THREADS="1",
     )
     latest = find_latest(run_dir)
@@ -204,10 +239,10 @@ def pretrain(args: argparse.Namespace, method: Method, stages: Stages) -> Path:
     return latest
 
 
-def random_encoder(args: argparse.Namespace, method: Method, stages: Stages) -> Path:
+def random_encoder(args: argparse.Namespace, method: Method, seed: int, stages: Stages) -> Path:
     """The encoder before training, as the pre-training runs initialise it (seeded), as a weights file."""
-    path = args.out_dir / method.name / f"encoder_seed{args.seed}.safetensors"
-    name = "initialise a random encoder"
+    path = args.out_dir / run_name(method, seed) / f"encoder_seed{seed}.safetensors"
+    name = f"initialise a random encoder, seed {seed}"
     if path.is_file():
         stages.reuse(name)
         return path
@@ -219,8 +254,8 @@ def random_encoder(args: argparse.Namespace, method: Method, stages: Stages) -> 
         from clmae.config import load_config
         from clmae.models import build_mae
 
-        model = load_config(args.data.config, pretrain_overrides(args, method)).model
-        torch.manual_seed(args.seed)  # as clmae.train, just before it builds the models
+        model = load_config(args.data.config, pretrain_overrides(args, method, seed, args.epochs)).model
+        torch.manual_seed(seed)  # as clmae.train, just before it builds the models
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(build_mae(model.name, model.img_size, model.mask_ratio).encoder_state_dict(), path)
     except Exception as err:
@@ -230,12 +265,12 @@ def random_encoder(args: argparse.Namespace, method: Method, stages: Stages) -> 
     return path
 
 
-def evaluate(args: argparse.Namespace, method: Method, checkpoint: Path, stages: Stages) -> dict[str, dict]:
+def evaluate(args: argparse.Namespace, method: Method, seed: int, checkpoint: Path, stages: Stages) -> dict[str, dict]:
     """{protocol: clmae-eval's JSON report}; a report of the same checkpoint is reused."""
     results = {}
     for protocol in PROTOCOLS:
-        out = args.out_dir / method.name / f"{protocol}.json"
-        name = f"evaluate {method.label}: {protocol}"
+        out = args.out_dir / run_name(method, seed) / f"{protocol}.json"
+        name = f"evaluate {method.label}, seed {seed}: {protocol}"
         if out.is_file():
             report = json.loads(out.read_text())
             if Path(report["checkpoint"]) == checkpoint.resolve():
@@ -248,21 +283,50 @@ def evaluate(args: argparse.Namespace, method: Method, checkpoint: Path, stages:
     return results
 
 
-def markdown_table(rows: dict[str, dict[str, dict]]) -> str:
-    """One row per method: few-shot top-1 (mean +- std over seeds) per shot count, then the k-NN metrics."""
-    first = next(iter(rows.values()))
-    shots = first["fewshot"]["settings"]["shots"]
-    knn_keys = list(first["knn"]["results"])
-    header = ["method", *(f"{n}-shot" for n in shots), *(KNN_LABELS.get(key, key) for key in knn_keys)]
+def row_metrics(reports: dict[str, dict]) -> dict[str, float]:
+    """One pre-trained encoder's numbers: few-shot top-1 (mean over probe seeds) per shot count, then k-NN."""
+    fewshot, knn = reports["fewshot"]["results"], reports["knn"]["results"]
+    metrics = {f"{n}-shot": fewshot[f"fewshot_{n}shot/top1_mean"] for n in reports["fewshot"]["settings"]["shots"]}
+    metrics.update({KNN_LABELS.get(key, key): value for key, value in knn.items()})
+    return metrics
+
+
+def aggregate(per_seed: dict[int, dict[str, float]]) -> dict[str, tuple[float, float]]:
+    """{metric: (mean, std)} over pre-training seeds; std is the sample standard deviation (0 for one seed)."""
+    metrics = next(iter(per_seed.values()))
+    out = {}
+    for key in metrics:
+        values = [row[key] for row in per_seed.values()]
+        out[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    return out
+
+
+def markdown_table(header: list[str], rows: dict[str, list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, reports in rows.items():
-        fewshot, knn = reports["fewshot"]["results"], reports["knn"]["results"]
-        cells = [
-            f"{fewshot[f'fewshot_{n}shot/top1_mean']:.1f} +- {fewshot[f'fewshot_{n}shot/top1_std']:.1f}" for n in shots
-        ]
-        cells += [f"{knn[key]:.1f}" for key in knn_keys]
-        lines.append("| " + " | ".join([label, *cells]) + " |")
+    lines += ["| " + " | ".join([label, *cells]) + " |" for label, cells in rows.items()]
     return "\n".join(lines)
+
+
+def arm_table(results: dict[str, dict[int, dict[str, float]]], epochs: dict[str, int]) -> str:
+    """One row per arm: mean +- std over pre-training seeds."""
+    rows = {}
+    for label, per_seed in results.items():
+        stats = aggregate(per_seed)
+        name = f"{label} ({epochs[label]} ep)" if epochs.get(label) else label
+        seeds = f"{len(per_seed)} seed{'s' if len(per_seed) > 1 else ''}"
+        rows[f"{name}, {seeds}"] = [f"{mean:.1f} +- {std:.1f}" for mean, std in stats.values()]
+    metrics = list(next(iter(next(iter(results.values())).values())))
+    return markdown_table(["arm", *metrics], rows)
+
+
+def seed_table(results: dict[str, dict[int, dict[str, float]]]) -> str:
+    rows = {
+        f"{label}, seed {seed}": [f"{value:.1f}" for value in metrics.values()]
+        for label, per_seed in results.items()
+        for seed, metrics in per_seed.items()
+    }
+    metrics = list(next(iter(next(iter(results.values())).values())))
+    return markdown_table(["arm, pre-training seed", *metrics], rows)
 
 
 def machine() -> dict[str, str | int | None]:
@@ -276,57 +340,94 @@ def machine() -> dict[str, str | int | None]:
     }
 
 
-def main() -> None:
-    args = parse_args()
-    started = time.perf_counter()
-    stages = Stages(args.out_dir / "results.json")
-    prepare_data(args, stages)
-    rows: dict[str, dict[str, dict]] = {}
-    checkpoints: dict[str, str] = {}
-    for method in METHODS:  # the random encoder first: a broken evaluation shows before any pre-training
-        if method.overrides:
-            checkpoint = pretrain(args, method, stages)
-        else:
-            checkpoint = random_encoder(args, method, stages)
-        checkpoints[method.label] = str(checkpoint)
-        rows[method.label] = evaluate(args, method, checkpoint, stages)
-    total = time.perf_counter() - started
-
+def write_results(args, results, checkpoints, epochs, flops, probe_seeds, stages, started, complete) -> str:
     host = machine()
-    table = markdown_table(rows)
-    seeds = len(rows[METHODS[0].label]["fewshot"]["settings"]["seeds"])
     title = (
-        f"{args.data.label} validation, top-1 % (few-shot: mean +- std over {seeds} seeds); "
-        f"{args.data.config}, {args.epochs} epochs of pre-training, seed {args.seed}"
+        ("" if complete else "PARTIAL (arms still running): ")
+        + f"{args.data.label} validation, top-1 %, mean +- std over pre-training seeds "
+        + f"(few-shot: each seed's mean over {probe_seeds} probe seeds); "
+        + f"{args.data.config}, seeds {' '.join(map(str, args.seeds))}"
         + (f", overrides: {' '.join(args.overrides)}" if args.overrides else "")
+    )
+    compute = (
+        f"counted training FLOPs per image: CL-MAE iteration {flops['clmae'] / 1e6:.1f} MFLOP, "
+        f"MAE iteration {flops['mae'] / 1e6:.1f} MFLOP ({flops['clmae'] / flops['mae']:.2f}x): "
+        f"{args.epochs} CL-MAE epochs = {epochs['MAE, equal FLOPs']} MAE epochs"
     )
     where = (
         f"machine: {host['cpu_count']} CPUs ({host['cpus_usable']} usable), torch {host['torch']}, "
         f"deepspeed {host['deepspeed']}, Python {host['python']}, {host['platform']}"
     )
-    work = stages.total()
+    total, work = time.perf_counter() - started, stages.total()
     summary = f"total: {total / 60:.1f} min" + (
         f" (with the reused stages' earlier times: {work / 60:.1f} min)" if work > total + 1 else ""
     )
-    text = "\n".join([title, "", table, "", where, "", *stages.table(), "", summary])
+    table = arm_table(results, epochs)
+    text = "\n".join(
+        [
+            title,
+            "",
+            table,
+            "",
+            compute,
+            "",
+            "Each pre-training seed:",
+            "",
+            seed_table(results),
+            "",
+            where,
+            "",
+            *stages.table(),
+            "",
+            summary,
+        ]
+    )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.md").write_text(text + "\n")
     report = {
+        "complete": complete,
         "dataset": args.dataset,
         "config": args.data.config,
-        "epochs": args.epochs,
-        "seed": args.seed,
+        "epochs": epochs,
+        "seeds": args.seeds,
+        "flops_per_image": flops,
         "overrides": args.overrides,
         "data_dir": str(args.data_dir),
         "machine": host,
         "checkpoints": checkpoints,
-        "results": {label: {p: reports[p]["results"] for p in PROTOCOLS} for label, reports in rows.items()},
+        "results": {label: {str(seed): m for seed, m in per_seed.items()} for label, per_seed in results.items()},
+        "mean_std": {label: aggregate(per_seed) for label, per_seed in results.items()},
         "stages": stages.done,
         "total_seconds": round(total, 1),
         "total_seconds_with_reused": round(work, 1),
         "table": table,
     }
     (args.out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    return text
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.perf_counter()
+    stages = Stages(args.out_dir / "results.json")
+    prepare_data(args, stages)
+    mae_epochs, flops = equal_flop_epochs(args)
+    epochs = {m.label: (mae_epochs if m.equal_flops else args.epochs) if m.overrides else 0 for m in METHODS}
+    print(f"equal FLOPs: {args.epochs} CL-MAE epochs = {mae_epochs} MAE epochs", flush=True)
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    checkpoints: dict[str, str] = {}
+    for seed in args.seeds:  # every arm of a seed first: a partial result compares arms
+        for method in METHODS:  # the random encoder first: a broken evaluation shows before any pre-training
+            if method.overrides:
+                checkpoint = pretrain(args, method, seed, epochs[method.label], stages)
+            else:
+                checkpoint = random_encoder(args, method, seed, stages)
+            checkpoints[f"{method.label}, seed {seed}"] = str(checkpoint)
+            reports = evaluate(args, method, seed, checkpoint, stages)
+            probe_seeds = len(reports["fewshot"]["settings"]["seeds"])
+            results.setdefault(method.label, {})[seed] = row_metrics(reports)
+            write_results(args, results, checkpoints, epochs, flops, probe_seeds, stages, started, complete=False)
+    text = write_results(args, results, checkpoints, epochs, flops, probe_seeds, stages, started, complete=True)
     print("\n" + "=" * 78 + "\n" + text + "\n" + "=" * 78)
     print(f"written: {args.out_dir / 'results.md'}, {args.out_dir / 'results.json'}")
 

@@ -81,6 +81,7 @@ class LossConfig:
     w_kl: float
     kl_target: Literal["mask_ratio", "reference"]
     kl_reduction: Literal["sum", "mean"]
+    kl_reference_batch: int | None
     w_div: float
     div_scale: float
 
@@ -108,6 +109,7 @@ class OptimConfig:
     base_lr: float
     min_lr: float
     weight_decay: float
+    no_decay_names: tuple[str, ...]
     betas: tuple[float, float]
     warmup_epochs: float
     clip_grad: float
@@ -120,6 +122,7 @@ class CmmOptimConfig:
     base_lr: float | None
     min_lr: float | None
     weight_decay: float | None
+    no_decay_names: tuple[str, ...] | None
     betas: tuple[float, float] | None
     warmup_epochs: float | None
     clip_grad: float | None
@@ -194,6 +197,7 @@ _RANGE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "loss.gauss_sigma": (lambda v: v > 0, "> 0"),
     "loss.w_gauss": (lambda v: v >= 0, ">= 0"),
     "loss.w_kl": (lambda v: v >= 0, ">= 0"),
+    "loss.kl_reference_batch": (lambda v: v is None or v >= 1, ">= 1 or null"),
     "loss.w_div": (lambda v: v >= 0, ">= 0"),
     "loss.div_scale": (lambda v: v > 0, "> 0"),
     "run.seed": (lambda v: v >= 0, ">= 0"),

@@ -5,7 +5,9 @@
    from +1 to -1 over the epochs), checkpointing and logging to MLflow (runs/demo);
 3. export the encoder as a timm state dict;
 4. few-shot linear probes (1-16 images per class, 3 seeds) and k-NN on the frozen encoder;
-5. pictures of the masking module's masks on the same validation images across training;
+5. the curriculum across the whole run (kept by training in runs/demo/curriculum/): the masks of the same
+   validation images every few epochs, each row labelled with its epoch and lambda (partner -> near neutral ->
+   adversary), and the masks' statistics over the epochs (fraction kept, entropy, diversity, L_rec_soft);
 6. a summary with real numbers from this run.
 
 Every step skips what is already done (a second `make demo` finishes in a minute), and the
@@ -58,17 +60,15 @@ def main() -> None:
         out = RUN / f"{protocol}.json"
         run(f"evaluate: {protocol}", [console_script("clmae-eval"), protocol, str(RUN), "--out", str(out)])
         results[protocol] = json.loads(out.read_text())
-    masks = RUN / "masks_over_training.png"
-    run(
-        "draw the masks",
-        [console_script("clmae-viz"), "masks", "--over-training", str(RUN), "--from-val", "8"]
-        + ["--out", str(masks), "--overwrite"],
-    )
-    print_summary(results, encoder, masks, time.perf_counter() - started)
+    # Training kept the masks of the first 8 validation images every tracking.mask_images_every_epochs and their
+    # statistics every epoch in runs/demo/curriculum/, whatever checkpoint pruning removed.
+    run("draw the curriculum", [console_script("clmae-viz"), "curriculum", str(RUN)])
+    print_summary(results, encoder, time.perf_counter() - started)
 
 
-def print_summary(results: dict, encoder: Path, masks: Path, seconds: float) -> None:
+def print_summary(results: dict, encoder: Path, seconds: float) -> None:
     from clmae.checkpoint import find_latest, read_client_state
+    from clmae.viz import STAT_LABELS, curriculum_label, curriculum_pictures, load_curriculum_stats
 
     state = read_client_state(find_latest(RUN))
     print("\n" + "=" * 78)
@@ -78,8 +78,19 @@ def print_summary(results: dict, encoder: Path, masks: Path, seconds: float) -> 
     store = f"sqlite:///{(RUN / 'mlflow.db').resolve()}"
     print(f"                  open it: .venv/bin/mlflow ui --backend-store-uri {store} --workers 1")
     print(f"  timm encoder    {encoder.resolve()}")
-    print(f"  mask pictures   {masks.resolve()}  (rows per checkpoint: image, masked, reconstruction, m)")
-    print("                  MLflow artifacts masks/epoch_*.png")
+    records = load_curriculum_stats(RUN)
+    rows = [curriculum_label(r["epoch"], r["lambda"]) for r in records.values()]
+    pictured = {int(path.stem.rsplit("_", 1)[1]) for path in curriculum_pictures(RUN)}
+    print(f"  mask pictures   {(RUN / 'masks_over_training.png').resolve()}")
+    print("                  (8 validation images; per row: image, masked, reconstruction, m) rows:")
+    for epoch in sorted(pictured):
+        print(f"                    {curriculum_label(epoch, records[epoch]['lambda']) if epoch in records else epoch}")
+    print(f"  mask statistics {(RUN / 'mask_stats.png').resolve()}  ({len(rows)} epochs)")
+    header = ["epoch", "lambda", *STAT_LABELS]
+    print("\n" + " | ".join(f"{h:>9}" for h in header))
+    for r in records.values():
+        lam = "-" if r["lambda"] is None else f"{r['lambda']:+.2f}"
+        print(" | ".join([f"{r['epoch']:>9}", f"{lam:>9}", *(f"{r[k]:>9.4f}" for k in STAT_LABELS)]))
     from clmae.evaluate import format_table
 
     for protocol, report in results.items():

@@ -34,9 +34,6 @@ from clmae.masking import MaskingStrategy, build_strategy
 # Package data (found in a non-editable install too); `ds_configs/` at the repository root links here.
 DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
 
-# Parameters that MAE excludes from weight decay besides biases and norms (all 1-D).
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed")
-
 
 def resolve_ds_config(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
@@ -80,13 +77,17 @@ def precision_dtype(ds_config: dict[str, Any]) -> torch.dtype:
     return torch.float32
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weight matrices only (MAE's rule), trainable parameters only."""
+def param_groups(module: nn.Module, weight_decay: float, no_decay_names: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """AdamW groups over the trainable parameters: no decay on biases and 1-D parameters (norms), decay on the
+    rest. That is timm 0.3.2's `add_weight_decay`, which MAE and the CL-MAE reference call with no skip list:
+    their cls and mask tokens (3-D) ARE decayed, and their position embeddings are fixed (requires_grad=False,
+    in no group). `no_decay_names` (`optim.no_decay_names`) exempts more parameters by their last name
+    component, e.g. ("cls_token", "mask_token") as DeiT and later timm do."""
     decay, no_decay = [], []
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES:
+        if param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in no_decay_names:
             no_decay.append(param)
         else:
             decay.append(param)
@@ -159,7 +160,7 @@ def _initialize(module: nn.Module, opt: OptimConfig, cfg: Config, world_size: in
     # Fused AdamW is one kernel for all parameters on CUDA; the plain loop is what runs on CPU.
     fused = torch.cuda.is_available() and next(module.parameters()).is_cuda
     optimizer = torch.optim.AdamW(
-        param_groups(module, opt.weight_decay), lr=peak, betas=tuple(opt.betas), fused=fused or None
+        param_groups(module, opt.weight_decay, opt.no_decay_names), lr=peak, betas=tuple(opt.betas), fused=fused or None
     )
     schedule = WarmupCosine(peak, opt.min_lr, opt.warmup_epochs, cfg.train.epochs, steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -23,6 +23,7 @@ _KL_EPS = 1e-6
 
 def reconstruction_target(patches: Tensor, norm_pix: bool) -> Tensor:
     """patches: (B, L, P) -> target (B, L, P): the pixels, or with `norm_pix` each patch normalised."""
+    patches = patches.float()  # the pixels, their mean and variance in fp32 whatever the engine's dtype
     if not norm_pix:
         return patches
     mean = patches.mean(dim=-1, keepdim=True)
@@ -94,3 +95,24 @@ def cmm_loss(
         + cfg.w_div * terms["loss_div"]
     )
     return total, terms
+
+
+def kl_weight_warning(cfg: LossConfig, batch_per_rank: int) -> str | None:
+    """Why L_KL weighs more or less than its recipe intends, or None.
+
+    Summed over the rank's images (the reference's rule), L_KL grows with the per-rank batch while the other
+    terms are means: w_kl set for `kl_reference_batch` images means batch / reference times that weight at
+    another batch (fewer GPUs with accumulation, less memory). Each micro-batch is summed on its own, so the
+    batch that counts is data.batch_size, whatever train.accum_steps.
+    """
+    reference = cfg.kl_reference_batch
+    if cfg.kl_reduction != "sum" or reference is None or batch_per_rank == reference or cfg.w_kl == 0:
+        return None
+    keep = cfg.w_kl * reference / batch_per_rank
+    return (
+        f"loss.kl_reduction=sum: L_KL is summed over the {batch_per_rank} images of each rank's micro-batch "
+        f"(data.batch_size), but loss.w_kl={cfg.w_kl:g} is declared for {reference} (loss.kl_reference_batch), "
+        f"so L_KL weighs {batch_per_rank / reference:.3g}x what the recipe intends. To keep its weight, set "
+        f"loss.w_kl={keep:.4g} loss.kl_reference_batch={batch_per_rank} "
+        f"(or loss.kl_reduction=mean loss.w_kl={cfg.w_kl * reference:.4g})."
+    )

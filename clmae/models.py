@@ -14,11 +14,13 @@ own: it reads the MAE's position-embedded patch tokens, which `MaskedAutoencoder
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
@@ -65,14 +67,24 @@ def init_weights_mae_style(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def topk_masking(keep: Tensor, num_visible: int) -> tuple[Tensor, Tensor, Tensor]:
+def topk_masking(keep: Tensor, num_visible: int, break_ties: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Keep the `num_visible` patches with the highest scores in each image (the mask ratio is exact).
 
     keep: (B, L) scores, high = keep visible
+    break_ties: among equal scores every position is equally likely to be kept. A sort alone resolves ties
+        by patch order, a positional bias the method does not have, and ties are common once a low-precision
+        sigmoid saturates (bf16 rounds it to exactly 1.0 from a logit of about 6.2). So the scores are put in a
+        uniformly random order first (the global RNG: seeded, resumed with the run) and sorted stably. Off for
+        MAE's uniform noise, which has no ties, so that plain MAE draws exactly MAE's masks.
     Returns ids_keep (B, k) indices of the visible patches, ids_restore (B, L) the permutation that puts the
     sequence [visible, hidden] back into patch order, and mask (B, L), 1 = hidden.
     """
-    ids_shuffle = torch.argsort(keep, dim=1, descending=True)
+    if break_ties:
+        order = torch.argsort(torch.rand(keep.shape, device=keep.device), dim=1)
+        ranked = torch.sort(torch.gather(keep, 1, order), dim=1, descending=True, stable=True).indices
+        ids_shuffle = torch.gather(order, 1, ranked)
+    else:
+        ids_shuffle = torch.argsort(keep, dim=1, descending=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :num_visible]
     mask = torch.ones(keep.shape, dtype=torch.float32, device=keep.device).scatter_(1, ids_keep, 0.0)
@@ -152,8 +164,9 @@ class MaskedAutoencoderViT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(b, 3, grid * p, grid * p)
 
     def embed_patches(self, imgs: Tensor) -> Tensor:
-        """imgs: (B, 3, H, W) -> patch tokens with position embedding, no CLS: (B, L, D)."""
-        return self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        """imgs: (B, 3, H, W), any float dtype -> patch tokens with position embedding, no CLS: (B, L, D), in the
+        model's dtype (the loop hands over fp32 images so that the pixel targets stay fp32)."""
+        return self.patch_embed(imgs.to(self.pos_embed.dtype)) + self.pos_embed[:, 1:]
 
     def forward_encoder(self, tokens: Tensor, ids_keep: Tensor | None = None) -> Tensor:
         """tokens: (B, L, D) from `embed_patches`; ids_keep: (B, k) visible patches, None = all.
@@ -197,18 +210,20 @@ class MaskedAutoencoderViT(nn.Module):
             True = soft path (needs a scorer): every token is scaled by its m and all L go through encoder and
             decoder, so the reconstruction is differentiable in m.
         Returns pred (B, L, P); hidden (B, L), each patch's weight in the loss: the binary mask (1 = hidden) on the
-        hard path, 1 - m on the soft path; keep (B, L), the scores used (m, or the noise of random masking).
+        hard path, 1 - m on the soft path; keep (B, L), the scores used (m, or the noise of random masking). A
+        scorer's m is fp32 whatever the model's dtype (the CMM's head runs in fp32), and so is 1 - m.
         """
         tokens = self.embed_patches(imgs)
         if soft:
             if scorer is None:
                 raise ValueError("the soft path needs a scorer, such as a curriculum masking module")
-            keep = scorer(tokens)
-            pred = self.forward_decoder(self.forward_encoder(tokens * keep.unsqueeze(-1)))
+            keep = scorer(tokens)  # fp32 from the CMM's head; the token scaling runs in the model's dtype
+            pred = self.forward_decoder(self.forward_encoder(tokens * keep.unsqueeze(-1).to(tokens.dtype)))
             return pred, 1 - keep, keep
         with torch.no_grad():
             keep = (scorer or uniform_keep_scores)(tokens)
-        ids_keep, ids_restore, mask = topk_masking(keep, self.num_visible)
+        # Uniform noise has no ties: skipping the tie-break keeps plain MAE's masks exactly MAE's.
+        ids_keep, ids_restore, mask = topk_masking(keep, self.num_visible, break_ties=scorer is not None)
         pred = self.forward_decoder(self.forward_encoder(tokens, ids_keep), ids_restore)
         return pred, mask, keep
 
@@ -237,11 +252,24 @@ class CurriculumMaskingModule(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        """tokens: (B, L, D) position-embedded patch tokens -> m: (B, L) in (0, 1), high = keep visible."""
+        """tokens: (B, L, D) position-embedded patch tokens -> m: (B, L) in (0, 1), high = keep visible.
+
+        m is fp32 whatever the engine's dtype: the head (final norm, linear, sigmoid) runs in fp32 on fp32 copies
+        of its weights, so m does not saturate at bf16's 1.0 (logit 6.2) and the CMM's loss terms see full
+        precision (the reference's fp16 autocast runs the Linear and the sigmoid in fp16, which rounds m to 1.0
+        from a logit of about 8.3).
+        """
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         for block in self.blocks:
             x = block(x)
-        return torch.sigmoid(self.head(self.norm(x[:, 0])))
+        # Under a caller's autocast the linear would drop back to half precision; meta tensors (FLOP counting)
+        # have no autocast at all.
+        no_autocast = x.device.type in ("cpu", "cuda")
+        with torch.autocast(x.device.type, enabled=False) if no_autocast else contextlib.nullcontext():
+            cls = x[:, 0].float()
+            norm, head = self.norm, self.head
+            cls = F.layer_norm(cls, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+            return torch.sigmoid(F.linear(cls, head.weight.float(), head.bias.float()))
 
 
 def build_mae(name: str, img_size: int | None = None, mask_ratio: float = 0.75) -> MaskedAutoencoderViT:

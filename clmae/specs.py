@@ -47,6 +47,8 @@ VIT_SPECS: dict[str, ViTSpec] = {
         decoder_num_heads=3,
     ),
     "vit_base_patch16": ViTSpec(224, 16, 768, 12, 12, timm_name="vit_base_patch16_224"),
+    # The reference code's mae_vit_base_patch8: B/16 with 8 px patches, L = 784 at 224 (4x the tokens).
+    "vit_base_patch8": ViTSpec(224, 8, 768, 12, 12, timm_name="vit_base_patch8_224"),
     "vit_large_patch16": ViTSpec(224, 16, 1024, 24, 16, timm_name="vit_large_patch16_224"),
     "vit_huge_patch14": ViTSpec(224, 14, 1280, 32, 16, timm_name="vit_huge_patch14_224"),
 }

@@ -135,7 +135,7 @@ def train(cfg) -> int:
             if code is not None:
                 return code
         if run.val_images is not None:
-            log_mask_picture(run, state)
+            record_curriculum(run, state)
         dist.log(f"training finished: {cfg.train.epochs} epochs, {state.global_step} steps")
         run.tracker.finish()
         return 0
@@ -155,21 +155,23 @@ def train_one_epoch(run: Setup, state: TrainState, window: MetricsWindow) -> int
     """The rest of `state.epoch`: one optimiser step of each engine per iteration (SPEC section 6), then at
     the step boundary the NaN guard, metrics, checkpoints and stop requests. Returns an exit code when the
     run must end now, None at the end of the epoch."""
+    import torch
+
     from clmae import dist, faults
     from clmae.step import optimizer_step
 
     cfg, env, accum = run.cfg, run.env, run.cfg.train.accum_steps
-    every = cfg.tracking.mask_images_every_epochs
-    if run.val_images is not None and state.step_in_epoch == 0 and state.epoch % every == 0:
-        log_mask_picture(run, state)
+    if run.val_images is not None and state.step_in_epoch == 0:
+        record_curriculum(run, state)
     batches = run.loader.iterate_epoch(state.epoch, skip_batches=state.step_in_epoch * accum)
     steps = range(state.step_in_epoch, run.steps_per_epoch)
     progress = dist.progress(steps, total=run.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch}")
     for _ in progress:
         lam = curriculum_lambda(cfg, state, run.steps_per_epoch)
-        # On CPU a batch is a view into FFCV's ring buffer, which the prefetcher refills: micro-batches held
-        # while the next ones are read must be copies (a view-only .to() is free when nothing is held).
-        micro_batches = [next(batches)[0].to(run.engines.dtype, copy=accum > 1) for _ in range(accum)]
+        # fp32 images: the MAE casts them to its dtype for the forward; the pixel targets stay fp32. On CPU a
+        # batch is a view into FFCV's ring buffer, which the prefetcher refills: micro-batches held while the
+        # next ones are read must be copies (a view-only .to() is free when nothing is held).
+        micro_batches = [next(batches)[0].to(torch.float32, copy=accum > 1) for _ in range(accum)]
         metrics = {}  # a skipped step (train.skip_steps, rollbacks) consumes its batches and nothing else
         if state.global_step + 1 not in state.skip_steps:
             poison = faults.at_step(env.rank, env.world_size, state.global_step + 1)
@@ -373,13 +375,35 @@ def save(run: Setup, state: TrainState, reason: str) -> None:
     dist.log(f"checkpoint ({reason}): {path}")
 
 
-def log_mask_picture(run: Setup, state: TrainState) -> None:
-    from clmae.viz import render_masks
+def record_curriculum(run: Setup, state: TrainState) -> None:
+    """At an epoch boundary (after `state.epoch` epochs): the masks' statistics on the fixed validation images,
+    and every tracking.mask_images_every_epochs (and at the end) their picture labelled with the epoch and the
+    lambda the masking module last trained with; to MLflow and to <run_dir>/curriculum/, which checkpoint
+    pruning never touches (clmae-viz curriculum draws it). Collective under ZeRO-3: every rank calls it."""
+    import torch
 
-    engines = run.engines
+    from clmae.curriculum import curriculum_factor
+    from clmae.viz import curriculum_label, label_band, mask_statistics, render_masks, save_curriculum_snapshot
+
+    cfg, engines = run.cfg, run.engines
     scorer = engines.strategy.scorer(engines.masking_module)
-    picture = render_masks(engines.mae.module, scorer, run.val_images, run.cfg.model.norm_pix_loss)
-    run.tracker.log_image(picture, f"masks/epoch_{state.epoch:05d}.png")
+    lam = None
+    if state.epoch > 0:
+        lam = curriculum_factor(state.epoch - 1, cfg.train.epochs, schedule=cfg.curriculum.schedule)
+    # A picture draws masks (random ones, or the tie-break's order): from a forked RNG, so that training does not
+    # depend on whether or how often pictures are taken.
+    devices = [torch.device(run.env.device)] if run.env.device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        picture = None
+        if state.epoch % cfg.tracking.mask_images_every_epochs == 0 or state.epoch == cfg.train.epochs:
+            picture = render_masks(engines.mae.module, scorer, run.val_images, cfg.model.norm_pix_loss)
+            picture = label_band(picture, curriculum_label(state.epoch, lam))
+            run.tracker.log_image(picture, f"masks/epoch_{state.epoch:05d}.png")
+        stats = None
+        if scorer is not None:
+            stats = mask_statistics(engines.mae.module, scorer, run.val_images, cfg.model.norm_pix_loss)
+    if run.env.is_main:
+        save_curriculum_snapshot(run.run_dir, state.epoch, lam, stats, picture)
 
 
 # ---- set up: data, models, engines, resume, tracking ---------------------------------------------------
@@ -424,6 +448,12 @@ def set_up(cfg, env) -> tuple[Setup, TrainState]:
             f"global step {state.global_step})"
         )
     tracker = _start_tracking(cfg, env, run_dir, engines, steps_per_epoch, run_id)
+    if module is not None:
+        from clmae.losses import kl_weight_warning
+
+        warning = kl_weight_warning(cfg.loss, cfg.data.batch_size)
+        if warning:
+            dist.log(f"warning: {warning}")
     val_images = _mask_picture_images(cfg, device) if cfg.tracking.mask_images_every_epochs else None
     run = Setup(cfg, env, run_dir, loader, steps_per_epoch, engines, tracker, val_images, iteration_flops(cfg))
     return run, state

@@ -3,12 +3,18 @@
     clmae-viz masks runs/tiny_digits --images a.png b.jpg --out masks.png
     clmae-viz masks runs/tiny_digits --from-val 8 --out masks.png
     clmae-viz masks --over-training runs/tiny_digits --from-val 8 --out over_training.png
+    clmae-viz curriculum runs/tiny_digits          # masks_over_training.png + mask_stats.png, the whole run
 
 One column per image; rows: the image, the image with the hidden patches grey, the reconstruction (visible
 patches pasted back), the masking module's keep scores m (white = keep). Over training: one such band per
 saved checkpoint, oldest first, each under a label with its step and epoch. Image files are resized (shorter
 side) and centre-cropped to the model's size; `--from-val N` takes the first N images of the run's validation
 .beton instead. Plain-MAE runs draw random masks (seeded by run.seed).
+
+`--over-training` only sees the checkpoints still on disk (checkpoint.keep_last). The whole run is in
+<run_dir>/curriculum/, which training writes at every epoch boundary (small, never pruned): the labelled
+picture of the first validation images every tracking.mask_images_every_epochs and the masks' statistics
+every epoch. `clmae-viz curriculum` draws both.
 """
 
 from __future__ import annotations
@@ -154,6 +160,124 @@ def save_png(picture: np.ndarray, path: Path, overwrite: bool) -> None:
         Image.fromarray(picture).save(tmp)
 
 
+# ---- the curriculum over a whole run (kept in <run_dir>/curriculum/, independent of checkpoint pruning) ----
+
+CURRICULUM_DIR = "curriculum"
+NEUTRAL_BAND = 0.15  # |lambda| up to this is labelled "near neutral"
+STATS_FILE = "stats.json"
+STAT_LABELS = {
+    "kept": "fraction kept (mean m)",
+    "entropy": "entropy of m (bits)",
+    "diversity": "diversity across images (RMS of m_a - m_b)",
+    "rec_soft": "L_rec_soft",
+}
+
+
+@torch.no_grad()
+def mask_statistics(mae: nn.Module, scorer: Callable[[Tensor], Tensor], images: Tensor, norm_pix_loss: bool) -> dict:
+    """The masking module's keep scores m (N, L) on fixed images, summarised:
+    kept: mean m, the soft visible fraction (the MAE step's hard masks keep exactly 1 - r);
+    entropy: mean binary entropy of m in bits (1 = undecided, 0 = binary masks);
+    diversity: mean over image pairs of the RMS difference of their m (0 = every image gets the same mask);
+    rec_soft: L_rec_soft, the soft-mask reconstruction error that the CMM step weighs by lambda.
+    Plain modules; every rank must call this under ZeRO-3 (the forward gathers parameters)."""
+    from clmae.losses import reconstruction_loss, reconstruction_target
+
+    was_training = mae.training
+    mae.eval()
+    dtype = next(mae.parameters()).dtype
+    pred, hidden, keep = mae(images.to(dtype), scorer, soft=True)
+    mae.train(was_training)
+    target = reconstruction_target(mae.patchify(images.to(dtype)), norm_pix_loss)
+    keep = keep.float()
+    entropy = -(torch.special.xlogy(keep, keep) + torch.special.xlogy(1 - keep, 1 - keep)) / np.log(2)
+    pairs = torch.pdist(keep) / keep.shape[1] ** 0.5 if keep.shape[0] > 1 else keep.new_zeros(1)
+    return {
+        "kept": keep.mean().item(),
+        "entropy": entropy.mean().item(),
+        "diversity": pairs.mean().item(),
+        "rec_soft": reconstruction_loss(pred.float(), target.float(), hidden.float()).item(),
+    }
+
+
+def curriculum_label(epoch: int, lam: float | None) -> str:
+    """Which masks a band shows: those after `epoch` epochs, trained last with curriculum factor `lam`."""
+    if lam is None:
+        return f"epoch {epoch}: before training"
+    phase = "partner" if lam > NEUTRAL_BAND else "adversary" if lam < -NEUTRAL_BAND else "near neutral"
+    return f"epoch {epoch}: lambda {lam:+.2f} ({phase})"
+
+
+def save_curriculum_snapshot(
+    run_dir: Path, epoch: int, lam: float | None, stats: dict | None, picture: np.ndarray | None
+) -> None:
+    """Record the masks after `epoch` epochs in <run_dir>/curriculum/: the labelled picture and the statistics,
+    each when given (one entry per epoch in stats.json; a resumed run replaces its epoch's entry)."""
+    import json
+
+    from clmae.files import write_atomic
+
+    folder = Path(run_dir) / CURRICULUM_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    if picture is not None:
+        save_png(picture, folder / f"masks_epoch_{epoch:05d}.png", overwrite=True)
+    if stats is None:
+        return
+    records = load_curriculum_stats(run_dir)
+    records[epoch] = {"epoch": epoch, "lambda": lam, **stats}
+    write_atomic(folder / STATS_FILE, json.dumps([records[e] for e in sorted(records)], indent=1) + "\n")
+
+
+def load_curriculum_stats(run_dir: Path) -> dict[int, dict]:
+    import json
+
+    path = Path(run_dir) / CURRICULUM_DIR / STATS_FILE
+    return {r["epoch"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
+
+
+def curriculum_pictures(run_dir: Path) -> list[Path]:
+    """The saved, labelled mask pictures of a run, oldest first."""
+    return sorted((Path(run_dir) / CURRICULUM_DIR).glob("masks_epoch_*.png"))
+
+
+def stack_pictures(paths: list[Path]) -> np.ndarray:
+    from PIL import Image
+
+    bands = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+    width = max(band.shape[1] for band in bands)
+    padded = [np.pad(b, ((0, 0), (0, width - b.shape[1]), (0, 0)), constant_values=255) for b in bands]
+    return np.concatenate(padded, axis=0)
+
+
+def plot_curriculum_stats(records: list[dict], lambdas: list[float], path: Path) -> None:
+    """One panel per statistic over the epochs; the background marks the curriculum's phase (green: partner,
+    lambda > 0; grey: lambda = 0; red: adversary, lambda < 0) and a line on the first panel plots lambda."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(STAT_LABELS), 1, figsize=(7, 2.1 * len(STAT_LABELS)), sharex=True)
+    epochs = [r["epoch"] for r in records]
+    for ax, (key, label) in zip(axes, STAT_LABELS.items(), strict=True):
+        for epoch, lam in enumerate(lambdas):  # epoch e trains from e to e + 1
+            colour = "tab:green" if lam > 0 else "tab:red" if lam < 0 else "grey"
+            ax.axvspan(epoch, epoch + 1, color=colour, alpha=0.06 + 0.12 * abs(lam), linewidth=0)
+        ax.plot(epochs, [r[key] for r in records], marker="o", color="black")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    twin = axes[0].twinx()
+    twin.step(range(len(lambdas) + 1), [*lambdas, lambdas[-1]], where="post", color="tab:blue", alpha=0.7)
+    twin.set_ylabel("lambda", color="tab:blue", fontsize=8)
+    twin.set_ylim(-1.1, 1.1)
+    axes[0].set_title("masks on fixed validation images; background: partner (green) -> adversary (red)", fontsize=9)
+    axes[-1].set_xlabel("epochs trained")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clmae-viz", description="Draw the masks of a trained CL-MAE.")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -169,7 +293,42 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--from-val", type=int, metavar="N", help="the first N images of the run's validation .beton")
     masks.add_argument("--out", type=Path, required=True, help="output PNG")
     masks.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    curriculum = sub.add_parser(
+        "curriculum",
+        help="the masks and their statistics across a whole run (what training kept in RUN_DIR/curriculum/)",
+        description="masks_over_training.png: the fixed validation images' masks at every "
+        "tracking.mask_images_every_epochs, each row labelled with its epoch and lambda; mask_stats.png: "
+        "fraction kept, entropy, diversity across images and L_rec_soft over the epochs, curriculum phase marked",
+    )
+    curriculum.add_argument("run_dir", type=Path, help="a pre-training run directory")
+    curriculum.add_argument("--out-dir", type=Path, help="where the two PNGs go (default: RUN_DIR)")
     return parser
+
+
+def curriculum_main(run_dir: Path, out_dir: Path | None) -> dict[str, Path]:
+    """Write RUN_DIR's masks_over_training.png and mask_stats.png (see the `curriculum` subcommand)."""
+    from clmae.checkpoint import CheckpointError
+    from clmae.config import load_config
+    from clmae.curriculum import curriculum_factor
+
+    pictures, records = curriculum_pictures(run_dir), load_curriculum_stats(run_dir)
+    if not pictures and not records:
+        raise CheckpointError(
+            f"{run_dir}: no {CURRICULUM_DIR}/ record (a run with tracking.mask_images_every_epochs > 0 writes it)"
+        )
+    out_dir = out_dir or run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    if pictures:
+        written["masks"] = out_dir / "masks_over_training.png"
+        save_png(stack_pictures(pictures), written["masks"], overwrite=True)
+    if records:
+        cfg = load_config(run_dir / "config.yaml")
+        total = cfg.train.epochs
+        lambdas = [curriculum_factor(e, total, schedule=cfg.curriculum.schedule) for e in range(total)]
+        written["stats"] = out_dir / "mask_stats.png"
+        plot_curriculum_stats([records[e] for e in sorted(records)], lambdas, written["stats"])
+    return written
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -177,6 +336,10 @@ def _main(argv: list[str] | None = None) -> int:
     from clmae.weights import checkpoint_config, complete_step_dirs, resolve_step_dir
 
     args = build_parser().parse_args(argv)
+    if args.what == "curriculum":
+        for what, path in curriculum_main(args.run_dir, args.out_dir).items():
+            print(f"wrote {path} ({what})")
+        return 0
     if (args.checkpoint is None) == (args.over_training is None):
         raise CheckpointError("give either a CHECKPOINT or --over-training RUN_DIR")
     if args.out.exists() and not args.overwrite:

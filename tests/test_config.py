@@ -33,6 +33,20 @@ def test_every_shipped_config_loads():
         load_config(name)
 
 
+def test_reference_recipe_is_the_reference_codes_regime_and_each_config_names_its_recipe():
+    cfg = load_config("vitb_reference")
+    assert (cfg.model.name, cfg.model.norm_pix_loss, cfg.optim.base_lr) == ("vit_base_patch16", False, 1e-3)
+    assert (cfg.data.batch_size, cfg.train.epochs, cfg.optim.warmup_epochs, cfg.optim.clip_grad) == (256, 200, 40, 0)
+    assert (cfg.loss.kl_reduction, cfg.loss.kl_reference_batch) == ("sum", cfg.data.batch_size)
+    for name in available_configs():
+        if name != "defaults":
+            header = (CONFIG_DIR / f"{name}.yaml").read_text().split("\nrun:")[0]
+            assert "recipe" in header.lower(), name
+            # The declared batch is the config's own: none of them warns as shipped.
+            cfg = load_config(name)
+            assert cfg.loss.kl_reference_batch == cfg.data.batch_size, name
+
+
 def test_experiment_file_then_overrides_take_precedence(tmp_path):
     exp = tmp_path / "exp.yaml"
     exp.write_text("model:\n  name: vit_tiny\n  mask_ratio: 0.6\nloss:\n  w_kl: 0.5\n")

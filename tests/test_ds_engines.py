@@ -62,7 +62,9 @@ def reference_training(accum_steps: int = 1) -> dict:
     optimisers, schedulers = [], []
     for module, opt in ((mae, cfg.optim), (cmm, cfg.cmm_optim_resolved())):
         peak = peak_lr(opt, global_batch)
-        optimiser = torch.optim.AdamW(param_groups(module, opt.weight_decay), lr=peak, betas=opt.betas)
+        optimiser = torch.optim.AdamW(
+            param_groups(module, opt.weight_decay, opt.no_decay_names), lr=peak, betas=opt.betas
+        )
         schedule = WarmupCosine(peak, opt.min_lr, opt.warmup_epochs, cfg.train.epochs, STEPS_PER_EPOCH)
         optimisers.append(optimiser)
         schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimiser, schedule))
@@ -177,12 +179,24 @@ def test_lr_schedule_warmup_then_half_cycle_cosine():
     assert peak_lr(cfg.optim, 4096) == pytest.approx(0.016)
 
 
-def test_weight_decay_groups_follow_mae():
-    mae, _ = build_models(load_config("tiny_digits"))
-    decay, no_decay = param_groups(mae, 0.05)
+def test_weight_decay_groups_follow_mae_and_the_reference():
+    """timm 0.3.2's rule as MAE and the reference use it: biases and 1-D parameters undecayed, everything else
+    decayed, the cls and mask tokens included; the fixed position embeddings are in no group."""
+    cfg = load_config("tiny_digits")
+    mae, cmm = build_models(cfg)
+    assert cfg.optim.no_decay_names == () and cfg.cmm_optim_resolved().no_decay_names == ()
+    decay, no_decay = param_groups(mae, 0.05, cfg.optim.no_decay_names)
     names = {id(p): n for n, p in mae.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
-    assert "blocks.0.attn.qkv.weight" in decayed and "decoder_pred.weight" in decayed
-    assert not any(n.endswith(".bias") or "norm" in n or n in ("cls_token", "mask_token") for n in decayed)
-    assert "pos_embed" not in {names[id(p)] for p in no_decay["params"]}  # fixed: not optimised at all
+    assert {"blocks.0.attn.qkv.weight", "decoder_pred.weight", "cls_token", "mask_token"} <= decayed
+    assert not any(n.endswith(".bias") or "norm" in n for n in decayed)
+    grouped = decayed | {names[id(p)] for p in no_decay["params"]}
+    assert "pos_embed" not in grouped and "decoder_pos_embed" not in grouped  # fixed: not optimised at all
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+    cmm_decayed = {n for n, p in cmm.named_parameters() if any(p is q for q in param_groups(cmm, 0.05)[0]["params"])}
+    assert "cls_token" in cmm_decayed
+    # The setting exempts tokens by name (DeiT's and later timm's rule), for each engine.
+    cfg = load_config("tiny_digits", ["optim.no_decay_names=[cls_token,mask_token]"])
+    decay, _ = param_groups(mae, 0.05, cfg.optim.no_decay_names)
+    assert not {"cls_token", "mask_token"} & {names[id(p)] for p in decay["params"]}
+    assert cfg.cmm_optim_resolved().no_decay_names == ("cls_token", "mask_token")

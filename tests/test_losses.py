@@ -14,6 +14,7 @@ from clmae.losses import (
     gauss_loss,
     kl_loss,
     kl_target,
+    kl_weight_warning,
     reconstruction_loss,
     reconstruction_target,
 )
@@ -149,3 +150,17 @@ def test_cmm_loss_weights_can_be_zero():
     total, terms = cmm_loss(torch.tensor(0.8), keep, 1.0, cfg.loss, mask_ratio=0.75)
     assert total.item() == pytest.approx(0.8)
     assert terms["loss_kl"].item() > 1.0
+
+
+def test_kl_weight_warning_names_both_batches_and_the_setting_that_keeps_the_weight():
+    cfg = load_config("tiny_digits", ["loss.kl_reference_batch=256", "loss.w_kl=0.1"]).loss
+    assert kl_weight_warning(cfg, 256) is None
+    message = kl_weight_warning(cfg, 64)
+    assert "64 images" in message and "declared for 256" in message and "0.25x" in message
+    assert "loss.w_kl=0.4 loss.kl_reference_batch=64" in message
+    assert "loss.kl_reduction=mean loss.w_kl=25.6" in message
+    # Following the advice silences it, and so does a batch-independent reduction or no declared batch.
+    fixed = load_config("tiny_digits", ["loss.w_kl=0.4", "loss.kl_reference_batch=64"]).loss
+    assert kl_weight_warning(fixed, 64) is None
+    assert kl_weight_warning(load_config("tiny_digits", ["loss.kl_reduction=mean"]).loss, 64) is None
+    assert kl_weight_warning(load_config("tiny_digits", ["loss.kl_reference_batch=null"]).loss, 64) is None

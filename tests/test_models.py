@@ -193,3 +193,79 @@ def test_cmm_output_and_structure():
     assert cmm.blocks[0].norm1.eps == 1e-5 and cmm.norm.eps == 1e-5
     # Its own CLS token, blocks and head only: the patch embedding is the MAE's.
     assert {name.split(".")[0] for name, _ in cmm.named_parameters()} == {"cls_token", "blocks", "norm", "head"}
+
+
+def kept_counts(keep: torch.Tensor, num_visible: int, draws: int, break_ties: bool = True) -> torch.Tensor:
+    """How often each position is kept over `draws` independent top-k choices of the same scores (L,)."""
+    _, _, mask = topk_masking(keep.expand(draws, -1), num_visible, break_ties=break_ties)
+    return (1 - mask).sum(dim=0)
+
+
+def test_topk_breaks_ties_uniformly_chi_square():
+    """All m equal (bf16's saturated sigmoid): every position must be kept equally often. Pearson's
+    chi-square against uniform, L - 1 = 15 degrees of freedom, with a fixed seed; the 0.999 quantile is 37.7."""
+    from scipy.stats import chi2
+
+    length, num_visible, draws = 16, 4, 4000
+    torch.manual_seed(0)
+    counts = kept_counts(torch.ones(length), num_visible, draws)
+    expected = draws * num_visible / length
+    statistic = ((counts - expected) ** 2 / expected).sum().item()
+    assert statistic < chi2.ppf(0.999, length - 1), (statistic, counts.tolist())
+    # A plain sort keeps the same positions every time: the bias the tie-break removes.
+    biased = kept_counts(torch.ones(length), num_visible, draws, break_ties=False)
+    assert ((biased - expected) ** 2 / expected).sum().item() > 100 * chi2.ppf(0.999, length - 1)
+
+
+def test_topk_tie_break_changes_nothing_but_ties():
+    torch.manual_seed(0)
+    scores = torch.rand(8, 49)  # distinct: the same masks as a plain sort
+    for break_ties in (True, False):
+        _, _, mask = topk_masking(scores, 12, break_ties=break_ties)
+        expected = torch.ones_like(scores).scatter_(1, scores.topk(12, dim=1).indices, 0.0)
+        assert torch.equal(mask, expected)
+    # Six positions tied at the top, four kept: always among the six, each about equally often.
+    keep = torch.tensor([0.5, 1.0, 0.2, 1.0, 1.0, 0.9, 1.0, 1.0, 0.1, 1.0])
+    counts = kept_counts(keep, 4, 3000)
+    tied = keep == 1.0
+    assert counts[~tied].sum() == 0
+    assert (counts[tied] - 2000).abs().max() < 120, counts.tolist()  # binomial sd ~ 26
+
+
+def test_cmm_head_is_fp32_in_a_bf16_module():
+    """DeepSpeed's bf16 engine casts the whole module; m must still be fp32 and must not saturate where bf16's
+    sigmoid would (a logit of 7: bf16 gives exactly 1.0)."""
+    torch.manual_seed(0)
+    cmm = CurriculumMaskingModule(num_patches=16, embed_dim=32, depth=1, num_heads=4)
+    with torch.no_grad():
+        cmm.head.weight.zero_()
+        cmm.head.bias.fill_(7.0)
+    cmm = cmm.bfloat16()
+    tokens = torch.randn(3, 16, 32).bfloat16()
+    m = cmm(tokens)
+    assert m.dtype == torch.float32
+    assert torch.sigmoid(torch.tensor(7.0).bfloat16()) == 1.0  # what a bf16 head would give
+    torch.testing.assert_close(m, torch.full_like(m, torch.sigmoid(torch.tensor(7.0)).item()))
+    m.sum().backward()  # gradients reach the bf16 parameters in their own dtype
+    assert cmm.head.bias.grad.dtype == torch.bfloat16 and cmm.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_vit_base_patch8_encoder_loads_strictly_into_timms_own_b8():
+    """The reference's second model: our encoder is timm's vit_base_patch8_224 as timm names it (no size
+    arguments needed), with the same features."""
+    from clmae.weights import check_fits_timm
+
+    torch.manual_seed(0)
+    mae = build_mae("vit_base_patch8").eval()
+    assert mae.num_patches == 784 and timm_encoder_kwargs("vit_base_patch8")["model_name"] == "vit_base_patch8_224"
+    state = mae.encoder_state_dict()
+    check_fits_timm(state, timm_encoder_kwargs("vit_base_patch8"), where="vit_base_patch8")
+    with torch.device("meta"):
+        reference = timm.create_model("vit_base_patch8_224", num_classes=0).eval()
+    reference.load_state_dict(state, strict=True, assign=True)
+    imgs = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ours = mae.forward_encoder(mae.embed_patches(imgs))
+        theirs = reference.forward_features(imgs)
+    assert ours.shape == theirs.shape == (1, 785, 768)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

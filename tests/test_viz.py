@@ -65,3 +65,55 @@ def test_bad_inputs_give_one_line_errors(pretrained_runs, tmp_path):
         assert result.returncode == 2, result.stderr[-3000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and words in errors[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_curriculum_record_survives_pruning_and_draws_labelled_rows_and_statistics(tmp_path):
+    """What training keeps in <run_dir>/curriculum/ (here written directly, as clmae.train.record_curriculum
+    does, from a real tiny MAE + CMM): a labelled picture per picture epoch and one statistics entry per epoch,
+    a resumed epoch replacing its entry; `clmae-viz curriculum` stacks the pictures and plots the statistics."""
+    import json
+
+    import torch
+
+    from clmae.config import load_config, save_config
+    from clmae.curriculum import curriculum_factor
+    from clmae.models import build_models
+    from clmae.viz import (
+        curriculum_label,
+        label_band,
+        load_curriculum_stats,
+        mask_statistics,
+        render_masks,
+        save_curriculum_snapshot,
+    )
+
+    cfg = load_config("tiny_digits", ["train.epochs=4"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(0)
+    mae, cmm = build_models(cfg)
+    images = torch.randn(4, 3, 32, 32)
+    for epoch in (0, 1, 2, 2, 3, 4):  # epoch 2 twice: a run resumed at that boundary
+        lam = None if epoch == 0 else curriculum_factor(epoch - 1, 4)
+        stats = mask_statistics(mae, cmm, images, norm_pix_loss=False)
+        picture = (
+            label_band(render_masks(mae, cmm, images, False), curriculum_label(epoch, lam)) if epoch % 2 == 0 else None
+        )
+        save_curriculum_snapshot(run_dir, epoch, lam, stats, picture)
+    records = load_curriculum_stats(run_dir)
+    assert sorted(records) == [0, 1, 2, 3, 4]
+    assert records[0]["lambda"] is None and records[4]["lambda"] == -1.0
+    assert 0 < records[1]["kept"] < 1 and 0 <= records[1]["entropy"] <= 1 and records[1]["diversity"] >= 0
+    assert records[1]["rec_soft"] > 0
+    assert json.loads((run_dir / "curriculum" / "stats.json").read_text())[2]["epoch"] == 2
+    assert curriculum_label(2, 0.5) == "epoch 2: lambda +0.50 (partner)"
+    assert curriculum_label(3, -0.1) == "epoch 3: lambda -0.10 (near neutral)"
+    assert curriculum_label(4, -1.0) == "epoch 4: lambda -1.00 (adversary)"
+
+    out = tmp_path / "pictures"
+    assert viz_main(["curriculum", str(run_dir), "--out-dir", str(out)]) == 0
+    stacked = np.asarray(Image.open(out / "masks_over_training.png"))
+    one = np.asarray(Image.open(run_dir / "curriculum" / "masks_epoch_00000.png"))
+    assert stacked.shape[0] == 3 * one.shape[0]  # epochs 0, 2, 4
+    assert Image.open(out / "mask_stats.png").size[0] > 300

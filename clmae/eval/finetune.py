@@ -59,6 +59,7 @@ class FinetuneSettings:
         table = {
             "vit_tiny": (2, 0.5, 1e-3, 0.65, 0.1),
             "vit_base_patch16": (100, 5, 5e-4, 0.65, 0.1),
+            "vit_base_patch8": (100, 5, 5e-4, 0.65, 0.1),  # MAE has no B/8 recipe: B/16's
             "vit_large_patch16": (50, 5, 1e-3, 0.75, 0.2),
             "vit_huge_patch14": (50, 5, 1e-3, 0.75, 0.3),
         }
