@@ -143,7 +143,8 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
     seeds its thread's generator, right before its draws, from (seed, the sample ids of its whole batch,
     its position in the batch). A batch is one chunk of the epoch's permutation, a pure function of
     (seed, epoch, batch size) that neither the rank nor the world size changes, so every crop and flip is
-    too: the same after a resume, on any number of ranks, different in every epoch (FFCV's own MixUp seeds from the batch's indices the same way).
+    too: the same after a resume, on any number of ranks, different in every epoch (FFCV's own MixUp
+    seeds from the batch's indices the same way).
 
     Output: (B, H, W, 3) uint8, as FFCV's decoder.
     """
