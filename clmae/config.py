@@ -138,6 +138,8 @@ class CheckpointConfig:
     keep_last: int
     resume: str
     init_from: str | None
+    allow_world_size_change: bool
+    allow_global_batch_change: bool
 
 
 @dataclass

@@ -39,7 +39,9 @@ CPU batches are views into FFCV's ring of `batches_ahead + 2` buffers: use a bat
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -77,6 +79,7 @@ with _keep_torch_threads():  # importing FFCV sets torch's thread count to 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_ASPECT_RATIO = (3 / 4, 4 / 3)
+RECORD_SAMPLES_ENV = "CLMAE_RECORD_SAMPLES"  # a debug aid: see EpochLoader.iterate_epoch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,8 +340,10 @@ class EpochLoader:
     def iterate_epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches k+1.. of `epoch` for k = skip_batches: `(images (B, 3, H, W) float32, labels (B,) int64)`.
 
-        The skipped batches are not read. The order depends only on (seed, epoch, rank, world size), so a
-        resumed run that passes the step it stopped at sees the rest of the epoch it was interrupted in.
+        The skipped batches are not read. The order depends only on (seed, epoch, rank, world size, batch
+        size, accumulation), so a resumed run that passes the step it stopped at sees the rest of the epoch
+        it was interrupted in. With $CLMAE_RECORD_SAMPLES set to a directory, the sample ids of every batch
+        handed out are appended there (one JSON line per batch; the tests check the image sets with it).
         """
         if not 0 <= skip_batches <= self.batches_per_epoch:
             raise ValueError(f"skip_batches={skip_batches} is outside 0..{self.batches_per_epoch} (batches per epoch)")
@@ -348,11 +353,20 @@ class EpochLoader:
         self._order.indices = remaining
         with _keep_torch_threads():
             batches = iter(self._ffcv)
+        record = os.environ.get(RECORD_SAMPLES_ENV)
         try:
-            for images, labels in batches:
+            for index, (images, labels) in enumerate(batches):
+                if record:
+                    self._record(Path(record), epoch, skip_batches + index, remaining[index * self.batch_size :])
                 yield (self._normalize(images) if self._normalize is not None else images), labels
         finally:
             batches.close()  # stops FFCV's prefetch thread when the caller leaves the epoch early
+
+    def _record(self, folder: Path, epoch: int, batch: int, ids: np.ndarray) -> None:
+        entry = {"epoch": epoch, "batch": batch, "rank": self.rank, "world_size": self.world_size}
+        entry.update(accum_steps=self.accum_steps, ids=ids[: self.batch_size].tolist())
+        with open(folder / f"samples_w{self.world_size}_r{self.rank}_{os.getpid()}.jsonl", "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------

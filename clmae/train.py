@@ -72,7 +72,7 @@ def train(cfg) -> int:
     import torch
     import torch.distributed as tdist
 
-    from clmae import checkpoint, dist, faults
+    from clmae import checkpoint, dist, elastic, faults
     from clmae.config import save_config
     from clmae.curriculum import curriculum_factor
     from clmae.data import build_eval_loader, build_pretrain_loader
@@ -90,8 +90,15 @@ def train(cfg) -> int:
         device = torch.device(env.device)
         resume_from = checkpoint.resolve_resume(cfg, run_dir)
         saved = checkpoint.read_client_state(resume_from) if resume_from else None
+        plan = None
         if saved is not None:
-            checkpoint.check_compatible(saved, cfg, env.world_size, resume_from)
+            checkpoint.check_compatible(saved, cfg, resume_from)
+            plan = elastic.plan_resume(saved, cfg, env.world_size, resume_from)
+            cfg = plan.apply(cfg)  # the accumulation this world size needs; saved with the next checkpoint
+            if plan.batch_changed:
+                new_step_in_epoch = elastic.step_in_new_batch(plan, saved.step_in_epoch, resume_from)
+            if plan.resharded:
+                elastic.convert_to_universal(resume_from)
 
         loader = build_pretrain_loader(cfg, env, device)
         accum = cfg.train.accum_steps
@@ -107,12 +114,17 @@ def train(cfg) -> int:
         if cfg.checkpoint.init_from and saved is None:
             checkpoint.load_mae_weights(mae, cfg.checkpoint.init_from)
             dist.log(f"MAE initialised from {cfg.checkpoint.init_from}")
-        engines = build_engines(cfg, mae.to(device), cmm.to(device) if cmm else None, steps_per_epoch, env.world_size)
+        resharded = plan is not None and plan.resharded
+        engines = build_engines(
+            cfg, mae.to(device), cmm.to(device) if cmm else None, steps_per_epoch, env.world_size, resharded
+        )
         torch.manual_seed(cfg.run.seed * 1000 + env.rank)  # per-rank stream for random masking
 
         epoch, step_in_epoch, global_step, run_id = 0, 0, 0, None
         if saved is not None:
-            state = checkpoint.load(resume_from, engines.as_dict())
+            state = checkpoint.load(
+                resume_from, engines.as_dict(), resharded=resharded, load_schedules=not plan.batch_changed
+            )
             epoch, step_in_epoch, global_step, run_id = (
                 state.epoch,
                 state.step_in_epoch,
@@ -122,8 +134,17 @@ def train(cfg) -> int:
             dist.log(
                 f"resumed from {resume_from} (epoch {epoch}, step {step_in_epoch} of it, global step {global_step})"
             )
+            if resharded:
+                elastic.reseed_rank_streams(cfg.run.seed, env.rank, global_step)
+            if plan.batch_changed:
+                step_in_epoch = new_step_in_epoch
+                elastic.restart_schedules(engines.as_dict(), epoch * steps_per_epoch + step_in_epoch)
 
         tracker = Tracker(cfg, run_dir, env.is_main, run_id)
+        if plan is not None and (plan.resharded or plan.batch_changed):
+            change = elastic.describe(plan, saved.config["train"]["accum_steps"], global_step, epoch)
+            dist.log(change)
+            tracker.set_tags({f"resharded.step_{global_step:09d}": change, "world_size": str(env.world_size)})
         if env.is_main:
             config_path = save_config(cfg, run_dir / "config.yaml")
             if run_id is None:
@@ -187,7 +208,9 @@ def train(cfg) -> int:
                     schedule=cfg.curriculum.schedule,
                     smooth=cfg.curriculum.smooth,
                 )
-                micro_batches = [next(batches)[0].to(engines.dtype) for _ in range(accum)]
+                # Copied when accumulating: a CPU batch is a view into FFCV's ring buffers, which the
+                # prefetcher refills while the first micro-batches wait for the last to be drawn.
+                micro_batches = [next(batches)[0].to(engines.dtype, copy=accum > 1) for _ in range(accum)]
                 poison = env.rank == env.world_size - 1 and faults.armed("nan_loss", global_step + 1)
                 metrics = optimizer_step(engines, micro_batches, lam, cfg, timer, poison_mae_loss=poison)
                 step_in_epoch += 1

@@ -35,11 +35,19 @@ def free_port() -> int:
 
 
 class Run:
-    """One training launch: two rank processes writing to log files."""
+    """One training launch: `ranks` rank processes (two by default) writing to log files."""
 
-    def __init__(self, run_dir: Path, digits: Path, overrides: list[str], fault: str | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        digits: Path,
+        overrides: list[str],
+        fault: str | None = None,
+        ranks: int = 2,
+        extra_env: dict[str, str] | None = None,
+    ):
         self.run_dir = run_dir
-        self.logs = [run_dir.parent / f"{run_dir.name}-rank{r}-{time.monotonic_ns()}.log" for r in (0, 1)]
+        self.logs = [run_dir.parent / f"{run_dir.name}-rank{r}-{time.monotonic_ns()}.log" for r in range(ranks)]
         args = [
             sys.executable,
             "-m",
@@ -61,7 +69,8 @@ class Run:
         port = str(free_port())
         self.procs = []
         for rank, log in enumerate(self.logs):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks))
+            env.update(LOCAL_WORLD_SIZE=str(ranks), **(extra_env or {}))
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
             env.pop("CLMAE_FAULT", None)
             env.pop("MLFLOW_TRACKING_URI", None)  # the store in the run directory, which the checks read

@@ -1,0 +1,206 @@
+"""Elastic resume (clmae.elastic): a run continues on another number of ranks and learns the same thing.
+
+For ZeRO 1, 2 and 3: the uninterrupted 2-rank run of STEPS steps is the reference. Its checkpoint at
+step 2 (bitwise what a 2-rank run stopped there writes: tests/test_train.py) is resumed on 1 rank, which
+doubles train.accum_steps, up to step 4, and that on 2 ranks again up to STEPS. The three stages' launches
+run side by side, one phase at a time (references, then the 1-rank and the 2-rank legs), so that CI pays
+three rounds of imports instead of nine.
+
+Tolerance. Each optimiser step sees the same micro-batches (clmae.data, "Order"), so the two runs compute
+the same sums in another order: on 2 ranks each rank's micro-batch gradient is averaged by an all-reduce,
+on 1 rank DeepSpeed adds the two micro-batches' gradients (each scaled by 1/2). fp32 addition is not
+associative, so the gradients differ by a few ulps (relative ~1e-7), and AdamW divides by sqrt(v): over
+4 steps at lr ~1e-4 the weights move by ~1e-3 and differ by far less. atol 1e-6 / rtol 1e-5 allows
+two orders of magnitude above what was measured (see test), and a single wrong micro-batch, a lost Adam
+moment or a restarted LR schedule moves weights by > 1e-4 (the last asserted below as well).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from clmae.checkpoint import ClientState, checkpoint_root, find_latest, read_client_state
+from clmae.config import ConfigError, load_config
+from clmae.data import RECORD_SAMPLES_ENV
+from clmae.elastic import plan_resume
+from tests.test_train import Run, weights
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 6
+STAGES = tuple(os.environ.get("ELASTIC_STAGES", "zero1_fp32 zero2_fp32 zero3_fp32").split())
+BATCH = 16
+ATOL, RTOL = 1e-6, 1e-5
+
+
+def launch(run_dir: Path, digits: Path, stage: str, stop_at: int, ranks: int) -> Run:
+    samples = run_dir.parent / f"{run_dir.name}-samples"
+    samples.mkdir(exist_ok=True)
+    overrides = [f"train.ds_config={stage}", f"train.stop_at_step={stop_at}", f"data.batch_size={BATCH}"]
+    return Run(run_dir, digits, overrides, ranks=ranks, extra_env={RECORD_SAMPLES_ENV: str(samples)})
+
+
+def finish(runs: list[Run]) -> None:
+    for run in runs:
+        codes = run.wait()
+        assert codes == [0] * len(codes), run.output()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def elastic_runs(tmp_path_factory, digits):
+    """{stage: (reference run dir, elastic run dir, [1-rank leg output, 2-rank leg output])}."""
+    root = tmp_path_factory.mktemp("elastic")
+    references = {stage: launch(root / f"{stage}-ref", digits, stage, STEPS, ranks=2) for stage in STAGES}
+    finish(list(references.values()))
+    for stage in STAGES:
+        # The elastic run starts from the reference's step-2 checkpoint and MLflow store (the same run).
+        ref, target = root / f"{stage}-ref", root / f"{stage}-elastic"
+        shutil.copytree(checkpoint_root(ref) / "step_000000002", checkpoint_root(target) / "step_000000002")
+        (checkpoint_root(target) / "latest").write_text("step_000000002\n")
+        shutil.copy(ref / "mlflow.db", target / "mlflow.db")
+        (root / f"{stage}-elastic-samples").mkdir()
+        for record in (root / f"{stage}-ref-samples").iterdir():  # steps 1-2 were the reference's
+            lines = [line for line in record.read_text().splitlines() if json.loads(line)["batch"] < 2]
+            (root / f"{stage}-elastic-samples" / record.name).write_text("".join(f"{line}\n" for line in lines))
+    outputs = defaultdict(list)
+    for stop_at, ranks in ((4, 1), (STEPS, 2)):
+        legs = {stage: launch(root / f"{stage}-elastic", digits, stage, stop_at, ranks) for stage in STAGES}
+        finish(list(legs.values()))
+        for stage, leg in legs.items():
+            outputs[stage].append(leg.output())
+    return {stage: (root / f"{stage}-ref", root / f"{stage}-elastic", outputs[stage]) for stage in STAGES}
+
+
+def consumed(samples: Path) -> dict[int, list[int]]:
+    """Global step (1-based) -> the sample ids its micro-batches held, over all ranks and launches."""
+    steps: dict[int, list[int]] = defaultdict(list)
+    for record in samples.glob("*.jsonl"):
+        for line in record.read_text().splitlines():
+            entry = json.loads(line)
+            assert entry["epoch"] == 0
+            steps[entry["batch"] // entry["accum_steps"] + 1] += entry["ids"]
+    return steps
+
+
+def logged_losses(output: str) -> dict[int, float]:
+    return {int(m[1]): float(m[2]) for m in re.finditer(r"step (\d+) \(epoch 0\) \| mae ([0-9.]+)", output)}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_ranks_to_one_and_back_ends_where_the_uninterrupted_run_does(elastic_runs, stage):
+    reference, elastic, (one_rank, two_ranks) = elastic_runs[stage]
+    assert (
+        "re-sharded from 2 to 1 ranks at global step 2 (epoch 0): train.accum_steps 1 -> 2, global batch 32 kept"
+        in (one_rank)
+    )
+    assert "re-sharding: converting the 'mae' engine's state" in one_rank and "converted in" in one_rank
+    assert "re-sharded from 1 to 2 ranks at global step 4 (epoch 0): train.accum_steps 2 -> 1" in two_ranks
+    one_rank_state = read_client_state(checkpoint_root(elastic) / "step_000000004")
+    assert (one_rank_state.world_size, one_rank_state.config["train"]["accum_steps"]) == (1, 2)
+    final = read_client_state(find_latest(elastic))
+    assert (final.global_step, final.world_size, final.config["train"]["accum_steps"]) == (STEPS, 2, 1)
+
+    got, want = weights(elastic), weights(reference)
+    assert got.keys() == want.keys()
+    worst = max((got[k] - want[k]).abs().max().item() for k in want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n}: {m}")
+    # The tolerance is far below what training moves: the weights changed by much more than it.
+    start = weights_at(reference, "step_000000002")
+    moved = min((want[k] - start[k]).abs().max().item() for k in want if k.startswith("mae.blocks"))
+    assert moved > 100 * ATOL and worst < ATOL, (moved, worst)
+
+    # Each step's loss as the reference logged it (4 decimals on the console).
+    reference_losses = logged_losses(_console(reference))
+    resumed = {**logged_losses(one_rank), **logged_losses(two_ranks)}
+    assert sorted(resumed) == [3, 4, 5, 6]
+    assert all(abs(resumed[s] - reference_losses[s]) <= 1e-4 for s in resumed), (resumed, reference_losses)
+
+
+def _console(run_dir: Path) -> str:
+    return "".join(log.read_text() for log in sorted(run_dir.parent.glob(f"{run_dir.name}-rank0-*.log")))
+
+
+def weights_at(run_dir: Path, step: str) -> dict[str, torch.Tensor]:
+    from clmae.checkpoint import consolidated_state_dict
+
+    path = checkpoint_root(run_dir) / step
+    return {f"{e}.{k}": v for e in ("mae", "cmm") for k, v in consolidated_state_dict(path, e).items()}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_image_of_the_epoch_is_seen_once_whatever_the_world_size(elastic_runs, stage):
+    reference, elastic, _ = elastic_runs[stage]
+    want = consumed(reference.parent / f"{reference.name}-samples")
+    got = consumed(elastic.parent / f"{elastic.name}-samples")
+    assert sorted(want) == sorted(got) == list(range(1, STEPS + 1))
+    for step in want:
+        assert len(got[step]) == len(want[step]) == 2 * BATCH
+        assert sorted(got[step]) == sorted(want[step]), f"step {step} trained on other images"
+    seen = [i for step in got.values() for i in step]
+    assert len(seen) == len(set(seen)), "an image was seen twice in the epoch"
+
+
+def test_mlflow_records_each_resharding_on_the_same_run(elastic_runs):
+    _, elastic, _ = elastic_runs["zero2_fp32"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{elastic / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.run_id == read_client_state(find_latest(elastic)).mlflow_run_id
+    tags = runs[0].data.tags
+    assert tags["resharded.step_000000002"].startswith("re-sharded from 2 to 1 ranks at global step 2")
+    assert tags["resharded.step_000000004"].startswith("re-sharded from 1 to 2 ranks at global step 4")
+    assert tags["world_size"] == "2"
+
+
+def test_a_forbidden_world_size_change_and_a_global_batch_change_are_refused(elastic_runs, tmp_path, digits):
+    _, elastic, _ = elastic_runs["zero2_fp32"]
+    run_dir = tmp_path / "refused"
+    shutil.copytree(checkpoint_root(elastic) / "step_000000004", checkpoint_root(run_dir) / "step_000000004")
+    overrides = ["train.ds_config=zero2_fp32", f"data.batch_size={BATCH}", "tracking.enabled=false"]
+    refused = Run(run_dir, digits, [*overrides, "checkpoint.allow_world_size_change=false"], ranks=2)
+    assert refused.wait() == [2, 2], refused.output()[-3000:]
+    assert "written by 1 ranks, this run has 2, and checkpoint.allow_world_size_change=false" in refused.output()
+    assert not (checkpoint_root(run_dir) / "step_000000004" / "universal").exists()
+
+
+def saved_state(world_size: int, accum: int, step_in_epoch: int = 3) -> ClientState:
+    cfg = load_config("tiny_digits", [f"train.accum_steps={accum}", "data.batch_size=16"])
+    return ClientState(0, step_in_epoch, step_in_epoch, world_size, None, cfg.to_dict())
+
+
+def config(*overrides: str):
+    return load_config("tiny_digits", ["data.batch_size=16", *overrides])
+
+
+def test_the_batch_rule_keeps_the_global_batch_and_names_the_numbers_when_it_cannot():
+    path = Path("ckpt")
+    # 16 x 2 x 4 ranks = 128: on 2 ranks the same command (accum 2) or an adapted one (accum 4) gives 4.
+    for accum in (2, 4):
+        plan = plan_resume(saved_state(4, 2), config(f"train.accum_steps={accum}"), 2, path)
+        assert (plan.accum_steps, plan.global_batch, plan.resharded, plan.batch_changed) == (4, 128, True, False)
+    assert plan.apply(config()).train.accum_steps == 4
+    same = plan_resume(saved_state(4, 2), config("train.accum_steps=2"), 4, path)
+    assert (same.accum_steps, same.resharded, same.batch_changed) == (2, False, False)
+    with pytest.raises(ConfigError) as no_split:
+        plan_resume(saved_state(4, 2), config("train.accum_steps=2"), 3, path)
+    assert "global batch 128 (data.batch_size 16 x train.accum_steps 2 x 4 ranks) cannot be split over 3 ranks" in str(
+        no_split.value
+    )
+    assert "Launch 1, 2, 4, 8 ranks" in str(no_split.value)
+    with pytest.raises(ConfigError, match=r"train.accum_steps=3 on 2 ranks changes the global batch from 128 .* to 96"):
+        plan_resume(saved_state(4, 2), config("train.accum_steps=3"), 2, path)
+    with pytest.raises(ConfigError, match=r"checkpoint\.allow_world_size_change=false"):
+        plan_resume(saved_state(4, 2), config("checkpoint.allow_world_size_change=false"), 2, path)
+    allowed = plan_resume(
+        saved_state(4, 2), config("train.accum_steps=3", "checkpoint.allow_global_batch_change=true"), 2, path
+    )
+    assert (allowed.accum_steps, allowed.global_batch, allowed.batch_changed) == (3, 96, True)
