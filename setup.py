@@ -35,6 +35,7 @@ setup(
         "tqdm>=4.66",
         "safetensors>=0.4",
         "scikit-learn>=1.4",  # ships the embedded digits dataset
+        "scipy>=1.10",  # reads SVHN's and Stanford Cars' .mat files (also a scikit-learn dependency)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],

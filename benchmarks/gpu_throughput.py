@@ -3,7 +3,7 @@
 Each iteration is the training loop's (clmae/train.py), with random images in place of the data loader: the MAE
 step through the MAE's DeepSpeed engine (the CMM's no-grad hard masks for CL-MAE, uniform noise for plain MAE),
 then, for CL-MAE, the CMM step through the CMM's engine with the MAE's plain module frozen. The engines come from
-clmae.engine.build_engines with ZeRO-2 (ds_configs/zero2_bf16.json, or zero2_fp32.json for --dtype fp32), in one
+clmae.ds_engines.build_engines with ZeRO-2 (ds_configs/zero2_bf16.json, or zero2_fp32.json for --dtype fp32), in one
 process whose process group clmae.dist.init sets up as for any single-process run. For each (model, method):
 
 - images/s over --iters iterations after --warmup ones (torch.cuda.synchronize around the timed block);
@@ -163,9 +163,9 @@ def matmul_worker(args: argparse.Namespace) -> dict:
 def run_worker(args: argparse.Namespace) -> dict:
     """Engines for (model, method) at one batch size; --warmup, then --iters timed iterations."""
     from clmae import dist
-    from clmae.engine import build_engines
+    from clmae.ds_engines import build_engines
     from clmae.models import build_models
-    from clmae.train import optimizer_step
+    from clmae.step import optimizer_step
 
     env = dist.init("nccl" if args.device == "cuda" else "gloo")  # rank 0 of 1 (call_worker clears launchers)
     device = torch.device(env.device)
@@ -388,7 +388,7 @@ def print_table(report: dict, rows: list[dict]) -> None:
     matmul, device = report["matmul"], report["device"]
     kind = "allocated" if report["device_type"] == "cuda" else "RSS"
     print(
-        f"{device['name']}: ZeRO-2 {report['dtype']} (clmae.engine.build_engines, 1 process); "
+        f"{device['name']}: ZeRO-2 {report['dtype']} (clmae.ds_engines.build_engines, 1 process); "
         f"measured {report['dtype']} matmul peak ({matmul['n']}^3): {matmul['tflops']:.3g} TFLOP/s"
     )
     header = (

@@ -1,12 +1,15 @@
-"""Images/s of the FFCV pre-training loader against the plain PyTorch loader a user would otherwise write.
+"""Images/s of the FFCV pre-training loader, bicubic and area, against the plain PyTorch loader a user would
+otherwise write.
 
-Both read the same generated JPEG set (224 x 224 px by default, as ImageNet images are commonly stored
+All read the same generated JPEG set (224 x 224 px by default, as ImageNet images are commonly stored
 pre-resized; `--side-range 300 500` for full-size ImageNet-like images) with the same augmentation
 (RandomResizedCrop to 224, scale (0.2, 1.0); horizontal flip; ImageNet normalisation to float32 NCHW),
 the same batch size and the same number of workers, in one run:
 
 - FFCV: `clmae.data.build_pretrain_loader` over a .beton written by data_prep (FFCV's ImageNet recipe by
-  default: longest side <= 500, half the images JPEG at quality 90, half raw), `--workers` decoding threads.
+  default: longest side <= 500, half the images JPEG at quality 90, half raw), `--workers` decoding threads,
+  once per `data.interpolation`: bicubic (our antialiased bicubic, Pillow's filter, the default) and area
+  (FFCV's built-in OpenCV INTER_AREA).
 - PyTorch: torchvision ImageFolder + PIL, RandomResizedCrop(224, scale (0.2, 1), bicubic) + flip + ToTensor
   + Normalize, torch DataLoader with `--workers` worker processes.
 
@@ -68,11 +71,17 @@ def epoch_rate(epoch_batches) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def ffcv_epochs(beton: Path, batch_size: int, workers: int, os_cache: bool):
+def ffcv_epochs(beton: Path, batch_size: int, workers: int, os_cache: bool, interpolation: str):
     from clmae.config import load_config
     from clmae.data import build_pretrain_loader
 
-    data = {"train_path": beton, "batch_size": batch_size, "num_workers": workers, "os_cache": str(os_cache).lower()}
+    data = {
+        "train_path": beton,
+        "batch_size": batch_size,
+        "num_workers": workers,
+        "os_cache": str(os_cache).lower(),
+        "interpolation": interpolation,
+    }
     cfg = load_config(None, [f"data.{key}={value}" for key, value in data.items()])
     loader = build_pretrain_loader(cfg, SimpleNamespace(rank=0, world_size=1), "cpu", img_size=IMG_SIZE)
     return loader.iterate_epoch
@@ -134,6 +143,13 @@ def main() -> None:
         choices=["proportion", "smart", "jpg", "raw"],
         help="FFCV storage modes to measure (proportion: FFCV's recipe; jpg: every image decoded, like PyTorch)",
     )
+    parser.add_argument(
+        "--interpolations",
+        nargs="+",
+        default=["bicubic", "area"],
+        choices=["bicubic", "area"],
+        help="data.interpolation of the FFCV loaders (bicubic: as PIL and the recipe; area: FFCV's INTER_AREA)",
+    )
     args = parser.parse_args()
 
     low, high = sorted(args.side_range)
@@ -152,7 +168,9 @@ def main() -> None:
     epochs = {}  # loader name -> function of the epoch number giving that epoch's batches
     for mode in args.write_modes:
         beton = convert(jpegs, set_dir / f"train_{mode}.beton", mode, args.workers)
-        epochs[f"FFCV ({mode})"] = ffcv_epochs(beton, args.batch_size, args.workers, args.os_cache)
+        for interpolation in args.interpolations:
+            loader = ffcv_epochs(beton, args.batch_size, args.workers, args.os_cache, interpolation)
+            epochs[f"FFCV {interpolation} ({mode})"] = loader
     epochs["PyTorch ImageFolder + PIL"] = pytorch_epochs(jpegs, args.batch_size, args.workers)
     for make_epoch in epochs.values():
         epoch_rate(make_epoch(0))  # warm-up: FFCV compiles its pipeline, PyTorch starts its workers
@@ -163,10 +181,10 @@ def main() -> None:
             results[name].append(epoch_rate(make_epoch(epoch)))
 
     baseline = np.mean(results["PyTorch ImageFolder + PIL"])
-    print(f"\n{'loader':<28} {'images/s per epoch':<24} {'mean':>8} {'vs PyTorch':>11}")
+    print(f"\n{'loader':<32} {'images/s per epoch':<24} {'mean':>8} {'vs PyTorch':>11}")
     for name, rates in results.items():
         per_epoch = ", ".join(f"{rate:.0f}" for rate in rates)
-        print(f"{name:<28} {per_epoch:<24} {np.mean(rates):>8.0f} {np.mean(rates) / baseline:>10.1f}x")
+        print(f"{name:<32} {per_epoch:<24} {np.mean(rates):>8.0f} {np.mean(rates) / baseline:>10.1f}x")
 
 
 if __name__ == "__main__":

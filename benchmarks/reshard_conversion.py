@@ -32,9 +32,9 @@ from clmae.config import MODEL_NAMES, load_config
 def save_checkpoint(model: str, stage: int, run_dir: Path) -> None:
     """The worker (each of 2 ranks): engines, one iteration on random images, a checkpoint."""
     from clmae import checkpoint, dist
-    from clmae.engine import build_engines
+    from clmae.ds_engines import build_engines
     from clmae.models import build_models
-    from clmae.train import optimizer_step
+    from clmae.step import optimizer_step
 
     env = dist.init("gloo", 30)
     cfg = load_config(None, [f"model.name={model}", f"train.ds_config=zero{stage}_fp32", "data.batch_size=1"])

@@ -1,11 +1,11 @@
-"""Checkpoints: both engines' ZeRO-sharded states under one step tag, plus the run's client state.
+"""Checkpoints: every engine's ZeRO-sharded state under one step tag, plus the run's client state.
 
 Layout of a run directory:
 
     <run_dir>/checkpoints/
         step_000001200/
             mae/state/...        DeepSpeed files of the MAE engine (one shard per rank)
-            cmm/state/...        DeepSpeed files of the masking module's engine
+            cmm/state/...        DeepSpeed files of the masking strategy's module (clmae/masking.py), if any
             rng/rank_00000.pt    RNG states of every rank (torch, CUDA, numpy, python)
             universal/mae/...    only once a run resumed it on another number of ranks: the engines'
                                  states re-sharded by DeepSpeed's universal checkpoint (clmae.elastic)
@@ -14,7 +14,9 @@ Layout of a run directory:
         latest                   name of the newest complete step directory, replaced atomically
 
 A crash or `kill -9` during a save leaves a directory without COMPLETE and an unchanged `latest`, so
-`resume: auto` always finds a whole checkpoint. Every function here is collective: all ranks call it.
+`resume: auto` always finds a whole checkpoint. `save` and `load` are collective: every rank calls them
+(they wait for each other). The other functions only read (or, `prune`, delete) files on the calling rank.
+Reading weights out of a checkpoint, for export and evaluation, is clmae/weights.py's.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch.distributed as tdist
 from clmae import faults
 from clmae.config import Config, ConfigError, flatten
 from clmae.errors import ClmaeError
+from clmae.files import write_atomic
 
 CHECKPOINT_SUBDIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
@@ -100,20 +103,6 @@ def _rank() -> int:
     return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def capture_rng_state() -> dict[str, Any]:
     """This rank's RNG states, as plain tensors and lists so that `weights_only=True` can load them."""
     np_state = np.random.get_state()
@@ -175,9 +164,9 @@ def save(run_dir: str | os.PathLike, engines: dict[str, Any], client_state: Clie
         faults.kill_self()
     _barrier()  # every rank's shards and RNG file are on disk
     if rank == 0:
-        _write_atomic(path / "client_state.json", client_state.to_json())
-        _write_atomic(path / COMPLETE_MARKER, "")
-        _write_atomic(root / LATEST_FILE, path.name + "\n")
+        write_atomic(path / "client_state.json", client_state.to_json())
+        write_atomic(path / COMPLETE_MARKER, "")
+        write_atomic(root / LATEST_FILE, path.name + "\n")
         prune(root, keep_last)
     _barrier()
     return path
@@ -283,76 +272,3 @@ def load(
     if rng_file.is_file() and not resharded:
         restore_rng_state(torch.load(rng_file, weights_only=True))
     return read_client_state(path)
-
-
-def consolidated_state_dict(path: str | os.PathLike, engine: str) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of one engine ("mae" or "cmm") of a checkpoint, gathered from its ZeRO shards by
-    DeepSpeed's own tool: any stage, any number of ranks, no GPU, no process group. `path` is a step
-    directory or a run directory (its newest complete checkpoint)."""
-    path = Path(path).expanduser()
-    step_dir = path if is_complete(path) else find_latest(path)
-    if step_dir is None:
-        raise CheckpointError(f"{path}: no complete clmae checkpoint here")
-    if not (step_dir / engine / ENGINE_TAG).is_dir():
-        raise CheckpointError(f"{step_dir}: has no '{engine}' engine state (a plain-MAE run has no 'cmm')")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(step_dir / engine), tag=ENGINE_TAG))
-
-
-def read_mae_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The MAE's weights (encoder + decoder) from any of:
-    - a clmae checkpoint directory (a `step_*` dir or a run directory): consolidated from its ZeRO
-      shards with DeepSpeed's own tool, any stage, any number of ranks, on CPU;
-    - a `.safetensors` file;
-    - a `.pth`/`.pt` file such as facebookresearch/mae's (`{"model": state_dict}`), read with
-      `weights_only=True` (its `args` namespace is the only non-tensor object allowed).
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return consolidated_state_dict(path, "mae")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file or directory")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    import argparse
-    import pickle
-
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path}: not a weights-only checkpoint ({type(err).__name__}: {err})") from err
-    state = data.get("model", data) if isinstance(data, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a state dict or {{'model': state_dict}}")
-    return state
-
-
-def load_mae_weights(mae: torch.nn.Module, source: str | os.PathLike) -> None:
-    """Initialise the MAE (encoder and decoder) from an existing checkpoint, strictly: a missing or
-    unexpected key, or a shape that does not fit, is an error naming them."""
-    state = read_mae_state_dict(source)
-    own = mae.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            example = ", ".join(missing[:3])
-            parts.append(f"missing {len(missing)} keys (e.g. {example}; an encoder-only file cannot start the decoder)")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
-        if mismatched:
-            parts.append(f"shape mismatch: {'; '.join(mismatched[:3])}")
-        raise CheckpointError(
-            f"checkpoint.init_from={source}: does not fit the {type(mae).__name__}: {'; '.join(parts)}"
-        )
-    mae.load_state_dict(state, strict=True)

@@ -26,13 +26,12 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from clmae.curriculum import CURRICULUM_SCHEDULES
 from clmae.errors import ClmaeError
+from clmae.specs import MODEL_NAMES
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULTS_NAME = "defaults"
-
-MODEL_NAMES = ("vit_tiny", "vit_base_patch16", "vit_large_patch16", "vit_huge_patch14")
-CURRICULUM_SCHEDULES = ("easy_to_hard", "hard_to_easy", "partner", "neutral", "adversary")
 
 
 class ConfigError(ClmaeError, ValueError):
@@ -55,11 +54,13 @@ class RunConfig:
 class DistConfig:
     backend: Literal["auto", "gloo", "nccl"]
     timeout_minutes: int
+    step_timeout_s: float | None
+    signal_grace_s: float
 
 
 @dataclass
 class ModelConfig:
-    name: Literal["vit_tiny", "vit_base_patch16", "vit_large_patch16", "vit_huge_patch14"]
+    name: Literal[MODEL_NAMES]
     img_size: int | None
     mask_ratio: float
     norm_pix_loss: bool
@@ -67,7 +68,7 @@ class ModelConfig:
 
 @dataclass
 class MaskingConfig:
-    mode: Literal["curriculum", "random"]
+    mode: str  # a registered strategy or `package.module:ClassName` (clmae/masking.py checks it)
     cmm_depth: int
     cmm_heads: int
 
@@ -85,7 +86,7 @@ class LossConfig:
 
 @dataclass
 class CurriculumConfig:
-    schedule: Literal["easy_to_hard", "hard_to_easy", "partner", "neutral", "adversary"]
+    schedule: Literal[CURRICULUM_SCHEDULES]
     smooth: bool
 
 
@@ -98,6 +99,7 @@ class DataConfig:
     os_cache: bool
     crop_scale: tuple[float, float]
     eval_crop_ratio: float
+    interpolation: Literal["bicubic", "area"]
 
 
 @dataclass
@@ -190,6 +192,8 @@ _RANGE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "loss.w_kl": (lambda v: v >= 0, ">= 0"),
     "loss.w_div": (lambda v: v >= 0, ">= 0"),
     "dist.timeout_minutes": (lambda v: v > 0, "> 0"),
+    "dist.step_timeout_s": (lambda v: v is None or v >= 0, ">= 0 (0: no watchdog) or null (derived)"),
+    "dist.signal_grace_s": (lambda v: v >= 0, ">= 0 (0: wait for the step boundary however long)"),
     "data.batch_size": (lambda v: v >= 1, ">= 1"),
     "data.num_workers": (lambda v: v >= 1, ">= 1"),
     "data.crop_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "two numbers 0 < low <= high <= 1"),
@@ -303,17 +307,19 @@ def build_config(data: dict[str, Any]) -> Config:
     for key, (ok, what) in _RANGE_CHECKS.items():
         if not ok(flat[key]):
             raise ConfigError(f"config key '{key}': {flat[key]!r} must be {what}")
+    from clmae.masking import strategy_class  # light; imports a plugin strategy's module
+
+    strategy_class(cfg.masking.mode)
     return cfg
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     """Write the merged config as YAML (atomically: a reader never sees half a file)."""
+    from clmae.files import write_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_hash(cfg: Config, sections: typing.Iterable[str] | None = None) -> str:

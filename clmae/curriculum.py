@@ -6,7 +6,7 @@ rebuild). lambda is a pure function of the training position, so a resumed run g
 
 from __future__ import annotations
 
-from clmae.config import CURRICULUM_SCHEDULES
+CURRICULUM_SCHEDULES = ("easy_to_hard", "hard_to_easy", "partner", "neutral", "adversary")
 
 
 def _easy_to_hard(epoch: int, total_epochs: int, epoch_fraction: float, smooth: bool) -> float:

@@ -2,14 +2,16 @@
 
 Pre-training batches (SPEC section 6): RandomResizedCrop(img_size, scale=data.crop_scale, ratio (3/4, 4/3)),
 horizontal flip, ImageNet mean/std; images float32 (B, 3, H, W), labels int64 (B,); the last partial batch
-of a rank is dropped. Interpolation: FFCV 1.0.2's crop decoders resize with OpenCV's INTER_AREA, hard-coded
-in its C extension (`resize` in libffcv takes no interpolation argument), so the MAE recipe's bicubic cannot
-be selected. INTER_AREA averages source pixels when shrinking (anti-aliased; the usual case for ImageNet
-crops) and interpolates bilinearly when enlarging.
+of a rank is dropped. Interpolation (`data.interpolation`): `bicubic` resamples each crop as the recipe's
+torchvision RandomResizedCrop does on PIL images, `crop(box).resize(size, BICUBIC)`: antialiased, bit-exact
+with Pillow (clmae/bicubic.py). `area` is what FFCV 1.0.2's own crop decoders do, OpenCV's INTER_AREA
+hard-coded in its C extension: averages source pixels when shrinking, bilinear when enlarging.
 
 Evaluation batches: the centre square of `data.eval_crop_ratio` of the shorter side resized to img_size
-(the same pixels as resize to img_size / ratio then centre crop: 256 -> 224), no augmentation, every sample
-of the rank's share exactly once, in file order.
+with the same interpolation (about the pixels of resize to img_size / ratio then centre crop: 256 -> 224),
+no augmentation, every sample of the rank's share exactly once, in file order. A `dataset.json` beside the file
+with an `eval_transform` (written by `clmae-prep downstream`) replaces that with the dataset's own transform
+(`EvalTransform`), resized with the same interpolation.
 
 Device: on CPU everything stays on CPU and images are contiguous NCHW, normalised and transposed in one
 compiled pass (`_NormalizeToCHW`); the flip happens in the crop decoder.
@@ -43,12 +45,16 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from clmae.bicubic import resize_crop_bicubic, scratch_bytes
+from clmae.errors import ClmaeError
+from clmae.specs import IMAGENET_MEAN, IMAGENET_STD, model_image_size
 
 if TYPE_CHECKING:
     from clmae.config import Config
@@ -67,8 +73,15 @@ def _keep_torch_threads():
 
 
 with _keep_torch_threads():  # importing FFCV sets torch's thread count to 1
-    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
-    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop, imdecode, resize_crop
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.fields.rgb_image import (
+        IMAGE_MODES,
+        ResizedCropRGBImageDecoder,
+        get_center_crop,
+        get_random_crop,
+        imdecode,
+        resize_crop,
+    )
     from ffcv.loader import Loader, OrderOption
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
@@ -76,10 +89,9 @@ with _keep_torch_threads():  # importing FFCV sets torch's thread count to 1
     from ffcv.pipeline.state import State
     from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_ASPECT_RATIO = (3 / 4, 4 / 3)
 RECORD_SAMPLES_ENV = "CLMAE_RECORD_SAMPLES"  # a debug aid: see EpochLoader.iterate_epoch
+INTERPOLATIONS = ("bicubic", "area")  # data.interpolation
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,7 +151,8 @@ class _PlannedOrder:
 
 
 class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
-    """FFCV's RandomResizedCrop decoder, plus the horizontal flip, with every random draw reproducible.
+    """FFCV's RandomResizedCrop decoder, plus the horizontal flip, with every random draw reproducible and a
+    choice of interpolation.
 
     FFCV draws crops inside numba-compiled worker threads from numba's own per-thread generators, which
     Python cannot seed: a resumed run would see other crops than an uninterrupted one. Here each image
@@ -149,36 +162,48 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
     too: the same after a resume, on any number of ranks, different in every epoch (FFCV's own MixUp
     seeds from the batch's indices the same way).
 
-    Output: (B, H, W, 3) uint8, as FFCV's decoder.
+    Each image is decoded (JPEG) or read in place (raw), cropped, and resized by `interpolation`:
+    "bicubic" (clmae.bicubic, Pillow's antialiased bicubic) or "area" (FFCV's OpenCV INTER_AREA).
+    The crop sampling does not depend on it. Output: (B, H, W, 3) uint8, as FFCV's decoder.
     """
 
-    def __init__(self, output_size, scale, ratio, flip_prob: float, seed: int):
+    def __init__(self, output_size, scale, ratio, flip_prob: float, seed: int, interpolation: str = "bicubic"):
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
         super().__init__(output_size)
         self.scale, self.ratio = np.array(scale), np.array(ratio)
-        self.flip_prob, self.seed = flip_prob, seed
+        self.flip_prob, self.seed, self.interpolation = flip_prob, seed, interpolation
 
     @property
     def get_crop_generator(self):
         return get_random_crop
 
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
+        state, (output, decoded) = super().declare_state_and_memory(previous_state)
+        # Per image: the bicubic passes' intermediate image (none for area, which allocates inside OpenCV).
+        height, width = self.output_size
+        size = scratch_bytes(int(self.max_height), int(self.max_width), height, width)
+        scratch = AllocationQuery((size if self.interpolation == "bicubic" else 1,), np.dtype(np.uint8))
+        return state, (output, decoded, scratch)
+
     def generate_code(self):
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         parallel_range = Compiler.get_iterator()
-        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
-        get_crop_c, mirror_c, batch_key_c = (
-            Compiler.compile(get_random_crop),
+        imdecode_c, resize_c = Compiler.compile(imdecode), _resize_function(self.interpolation)
+        get_crop_c, mirror_c, batch_key_c, image_seed_c = (
+            Compiler.compile(self.get_crop_generator),
             Compiler.compile(_mirror),
             Compiler.compile(_batch_key),
+            Compiler.compile(_image_seed),
         )
         scale, ratio, flip_prob, seed = self.scale, self.ratio, self.flip_prob, np.uint64(self.seed)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
+            destination, temp_storage, scratch = my_storage
             key = batch_key_c(seed, batch_indices)
             for dst_ix in parallel_range(len(batch_indices)):
-                # numba's generator of this thread, seeded for this image only (uint32 seeds).
-                np.random.seed(np.uint32((key + np.uint64(dst_ix) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)))
+                np.random.seed(image_seed_c(key, dst_ix))  # numba's generator of this thread, for this image only
                 field = metadata[batch_indices[dst_ix]]
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
@@ -189,7 +214,7 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
                 i, j, h, w = get_crop_c(height, width, scale, ratio)
-                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                resize_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix], scratch[dst_ix])
                 if np.random.rand() < flip_prob:
                     mirror_c(destination[dst_ix])
             return destination[: len(batch_indices)]
@@ -198,12 +223,43 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
         return decode
 
 
+class CenterCropDecoder(SeededRandomResizedCrop):
+    """Evaluation: the centre square of `ratio` of the shorter side (FFCV's centre crop), resized by
+    `interpolation`; nothing random, no flip."""
+
+    def __init__(self, output_size, ratio: float, interpolation: str = "bicubic"):
+        super().__init__(output_size, (1.0, 1.0), (1.0, 1.0), flip_prob=0.0, seed=0, interpolation=interpolation)
+        self.ratio = float(ratio)
+
+    @property
+    def get_crop_generator(self):
+        return get_center_crop
+
+
+def _resize_function(interpolation: str):
+    """A compiled `resize(source, row0, row1, col0, col1, destination, scratch)`: the crop of source
+    (H, W, 3) resized into destination (h, w, 3)."""
+    if interpolation == "bicubic":
+        return resize_crop_bicubic  # numba-compiled in clmae.bicubic, without fastmath (exact weights)
+    resize_area = Compiler.compile(resize_crop)
+
+    def resize(source, row0, row1, col0, col1, destination, scratch):
+        resize_area(source, row0, row1, col0, col1, destination)
+
+    return Compiler.compile(resize)
+
+
 def _batch_key(seed, batch_indices):
     """FNV-1a over the batch's sample ids: a 64-bit key that changes whenever the batch does."""
     key = np.uint64(0xCBF29CE484222325) ^ seed
     for index in batch_indices:
         key = (key ^ np.uint64(index)) * np.uint64(0x100000001B3)
     return key
+
+
+def _image_seed(key, position):
+    """The uint32 seed (numba's np.random.seed takes no more) of the image at `position` in a batch."""
+    return np.uint32((key + np.uint64(position) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32))
 
 
 def _mirror(image):
@@ -215,14 +271,111 @@ def _mirror(image):
                 image[y, x, c], image[y, width - 1 - x, c] = image[y, width - 1 - x, c], image[y, x, c]
 
 
+# --------------------------------------------------------------------------------------------------
+# Evaluation transforms: a dataset's own (clmae-prep downstream records the reference's), else the default
+# --------------------------------------------------------------------------------------------------
+
+EVAL_TRANSFORM_FILE = "dataset.json"
+EVAL_MODES = ("center_crop_resize", "resize_square", "center_crop")
+
+
+class EvalTransformError(ClmaeError, ValueError):
+    """A dataset.json whose eval_transform cannot be applied."""
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """How evaluation turns a stored image into the model's size x size input.
+
+    center_crop_resize: centre square of crop_ratio x the shorter side, resized (ratio 1: Resize + CenterCrop);
+    resize_square:      the whole image resized to size x size, aspect ratio not kept (Resize((size, size)));
+    center_crop:        centre crop_pixels x crop_pixels source pixels, rounded as torchvision's CenterCrop,
+                        resized only when the model's size differs (CenterCrop(crop_pixels), no resize).
+    normalize: ImageNet mean/std after scaling to [0, 1]; False: only the scaling (torchvision's ToTensor).
+    """
+
+    mode: str = "center_crop_resize"
+    crop_ratio: float = 0.875
+    crop_pixels: int = 224
+    normalize: bool = True
+
+    @classmethod
+    def for_file(cls, data_file: Path, default_crop_ratio: float) -> EvalTransform:
+        """The `eval_transform` of `dataset.json` beside `data_file`, else the default with `data.eval_crop_ratio`."""
+        spec_file = data_file.parent / EVAL_TRANSFORM_FILE
+        if not spec_file.is_file():
+            return cls(crop_ratio=default_crop_ratio)
+        try:
+            spec = json.loads(spec_file.read_text()).get("eval_transform")
+            if spec is None:
+                return cls(crop_ratio=default_crop_ratio)
+            transform = cls(
+                mode=spec.get("mode"),
+                crop_ratio=float(spec.get("crop_ratio", 1.0)),
+                crop_pixels=int(spec.get("crop_pixels", 224)),
+                normalize=bool(spec.get("normalize", True)),
+            )
+        except (ValueError, TypeError, AttributeError) as err:
+            raise EvalTransformError(f"{spec_file}: not a readable eval_transform ({err})") from None
+        if transform.mode not in EVAL_MODES or not 0 < transform.crop_ratio <= 1 or transform.crop_pixels < 1:
+            raise EvalTransformError(
+                f"{spec_file}: eval_transform {spec} is invalid (mode one of {', '.join(EVAL_MODES)}; "
+                "crop_ratio in (0, 1]; crop_pixels >= 1)"
+            )
+        return transform
+
+    def decoder(self, size: int, interpolation: str):
+        if self.mode == "resize_square":
+            return _WholeImageDecoder((size, size), interpolation)
+        if self.mode == "center_crop":
+            return _CenterPixelsDecoder((size, size), self.crop_pixels, interpolation)
+        return CenterCropDecoder((size, size), ratio=self.crop_ratio, interpolation=interpolation)
+
+
+def _whole_image(height, width, _, __):
+    return 0, 0, height, width
+
+
+def _center_pixels(height, width, _, size):
+    """torchvision CenterCrop's box: top = round((H - size) / 2), rounding half to even as Python's round."""
+    crop_h, crop_w = min(size, height), min(size, width)
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    if (height - crop_h) % 2 == 1 and top % 2 == 1:
+        top += 1
+    if (width - crop_w) % 2 == 1 and left % 2 == 1:
+        left += 1
+    return top, left, crop_h, crop_w
+
+
+class _WholeImageDecoder(CenterCropDecoder):
+    def __init__(self, output_size, interpolation: str):
+        super().__init__(output_size, ratio=1.0, interpolation=interpolation)
+
+    @property
+    def get_crop_generator(self):
+        return _whole_image
+
+
+class _CenterPixelsDecoder(CenterCropDecoder):
+    # The crop generator's last argument is the decoder's `ratio`: here the crop's side in pixels.
+    def __init__(self, output_size, crop_pixels: int, interpolation: str):
+        super().__init__(output_size, ratio=1.0, interpolation=interpolation)
+        self.ratio = np.uint32(crop_pixels)
+
+    @property
+    def get_crop_generator(self):
+        return _center_pixels
+
+
 class _NormalizeToCHW(Operation):
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 (x - mean) / std in one compiled pass: the CPU pipeline's
     last pixel pass. FFCV's NormalizeImage and ToTorchImage(channels_last=False) take two, the second a
-    transposing copy in torch that cost about a third of the loader's throughput on 2 cores."""
+    transposing copy in torch that cost about a third of the loader's throughput on 2 cores.
+    mean, std: per channel, for pixels scaled to [0, 1] (mean 0, std 1: torchvision's ToTensor alone)."""
 
-    def __init__(self):
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
-        mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
+        mean, std = np.array(mean) * 255, np.array(std) * 255
         self.lookup = ((np.arange(256)[:, None] - mean) / std).astype(np.float32)  # (256, 3)
 
     def generate_code(self):
@@ -250,19 +403,19 @@ class _NormalizeToCHW(Operation):
 class _NormalizeOnDevice(torch.nn.Module):
     """uint8 (B, 3, H, W) -> float32 (x - mean) / std, on the device and stream of the caller."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, device=device).mul(255).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD, device=device).mul(255).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(mean, device=device).mul(255).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, device=device).mul(255).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return images.float().sub_(self.mean).div_(self.std)  # keeps channels_last
 
 
-def _pipelines(decoder, device: torch.device) -> dict[str, list]:
+def _pipelines(decoder, device: torch.device, mean_std) -> dict[str, list]:
     label = [IntDecoder(), ToTensor(), Squeeze(1)]
     if device.type != "cuda":
-        return {"image": [decoder, _NormalizeToCHW(), ToTensor()], "label": label}
+        return {"image": [decoder, _NormalizeToCHW(*mean_std), ToTensor()], "label": label}
     # Ends in FFCV's uint8 ring buffers, which FFCV fences against its side streams; normalising there
     # would hand out tensors allocated on a side stream that the caching allocator could recycle while
     # the training stream still reads them.
@@ -294,12 +447,13 @@ class EpochLoader:
         world_size: int,
         shuffle: bool,
         accum_steps: int = 1,
+        mean_std: tuple = (IMAGENET_MEAN, IMAGENET_STD),
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         device = torch.device(device)
         # On CUDA the images are normalised as they are handed out, on the caller's stream.
-        self._normalize = _NormalizeOnDevice(device) if device.type == "cuda" else None
+        self._normalize = _NormalizeOnDevice(device, *mean_std) if device.type == "cuda" else None
         with _keep_torch_threads():
             self._ffcv = Loader(
                 str(path),
@@ -308,7 +462,7 @@ class EpochLoader:
                 os_cache=os_cache,
                 order=OrderOption.SEQUENTIAL,
                 seed=seed,  # unused by the planned order; without it FFCV draws one from numpy's global RNG
-                pipelines=_pipelines(decoder, device),
+                pipelines=_pipelines(decoder, device, mean_std),
                 drop_last=False,  # applied to the planned order instead (epoch_indices)
             )
         self._order = _PlannedOrder()
@@ -374,14 +528,6 @@ class EpochLoader:
 # --------------------------------------------------------------------------------------------------
 
 
-def _model_image_size(cfg: Config) -> int:
-    if cfg.model.img_size is not None:
-        return cfg.model.img_size
-    from clmae.models import VIT_SPECS
-
-    return VIT_SPECS[cfg.model.name].img_size
-
-
 def _existing(path: str, key: str) -> Path:
     resolved = Path(path)
     if not resolved.is_file():
@@ -399,9 +545,14 @@ def build_pretrain_loader(
     env: anything with `.rank` and `.world_size` (clmae.dist.DistEnv). img_size: None means
     `model.img_size`, else the model's native size.
     """
-    size = img_size or _model_image_size(cfg)
+    size = img_size or model_image_size(cfg.model)
     decoder = SeededRandomResizedCrop(
-        (size, size), scale=cfg.data.crop_scale, ratio=CROP_ASPECT_RATIO, flip_prob=0.5, seed=cfg.run.seed
+        (size, size),
+        scale=cfg.data.crop_scale,
+        ratio=CROP_ASPECT_RATIO,
+        flip_prob=0.5,
+        seed=cfg.run.seed,
+        interpolation=cfg.data.interpolation,
     )
     return _loader(cfg, env, _existing(cfg.data.train_path, "data.train_path"), decoder, device, shuffle=True)
 
@@ -415,14 +566,16 @@ def build_eval_loader(
 ) -> EpochLoader:
     """The evaluation loader over `path` (default `data.val_path`): this rank's contiguous share, in order,
     centre-cropped, not augmented, no sample dropped. Pass `data.train_path` for a probe's training features."""
-    size = img_size or _model_image_size(cfg)
+    size = img_size or model_image_size(cfg.model)
     source = path or cfg.data.val_path
-    decoder = CenterCropRGBImageDecoder((size, size), ratio=cfg.data.eval_crop_ratio)
     data_file = _existing(source, "data.val_path" if path is None else "evaluation data")
-    return _loader(cfg, env, data_file, decoder, device, shuffle=False)
+    transform = EvalTransform.for_file(data_file, cfg.data.eval_crop_ratio)
+    mean_std = (IMAGENET_MEAN, IMAGENET_STD) if transform.normalize else ((0.0,) * 3, (1.0,) * 3)
+    decoder = transform.decoder(size, cfg.data.interpolation)
+    return _loader(cfg, env, data_file, decoder, device, shuffle=False, mean_std=mean_std)
 
 
-def _loader(cfg: Config, env: DistEnv, path: Path, decoder, device, shuffle: bool) -> EpochLoader:
+def _loader(cfg: Config, env: DistEnv, path: Path, decoder, device, shuffle: bool, **kwargs) -> EpochLoader:
     return EpochLoader(
         path,
         decoder,
@@ -435,4 +588,5 @@ def _loader(cfg: Config, env: DistEnv, path: Path, decoder, device, shuffle: boo
         world_size=env.world_size,
         shuffle=shuffle,
         accum_steps=cfg.train.accum_steps,
+        **kwargs,
     )

@@ -121,16 +121,20 @@ def _slurm_node_addr(host: str) -> str | None:
 
 
 def resolve_master_addr(host: str) -> str:
+    """SLURM's NodeAddr of `host` first: it is how slurmctld itself reaches the node, and it exists where node
+    names are not in DNS (a name lookup there would go to a resolver and fail, or time out). The name itself
+    when SLURM cannot be asked. slurm/lib/pretrain.sh does this once per job and exports MASTER_ADDR, so
+    that the ranks of a large job do not each ask slurmctld."""
+    addr = _slurm_node_addr(host)
+    if addr:
+        return addr
     try:
         socket.gethostbyname(host)
         return host
     except OSError:
-        addr = _slurm_node_addr(host)
-        if addr:
-            return addr
         raise DistError(
-            f"master host '{host}' (first host of SLURM_JOB_NODELIST) does not resolve and "
-            "`scontrol show node` gave no NodeAddr; set MASTER_ADDR explicitly"
+            f"master host '{host}' (first host of SLURM_JOB_NODELIST) has no NodeAddr in `scontrol show node` "
+            "and does not resolve; set MASTER_ADDR explicitly"
         ) from None
 
 

@@ -219,3 +219,35 @@ def describe(plan: ResumePlan, saved_accum: int, global_step: int, epoch: int) -
     if plan.batch_changed:
         return what + f"global batch CHANGED {plan.saved_global_batch} -> {plan.global_batch} (lr follows it)"
     return what + f"global batch {plan.global_batch} kept"
+
+
+def prepare(saved: ClientState, cfg: Config, world_size: int, path: Path) -> ResumePlan:
+    """Everything a resume of `path` needs before the engines exist: the batch rule, the data position
+    check of a global-batch change, and (on a new world size) the universal conversion. Collective."""
+    plan = plan_resume(saved, cfg, world_size, path)
+    if plan.batch_changed:
+        step_in_new_batch(plan, saved.step_in_epoch, path)  # refuses early, before any conversion
+    if plan.resharded:
+        convert_to_universal(path)
+    return plan
+
+
+def after_load(plan: ResumePlan, engines: dict, seed: int, rank: int, restored: ClientState, steps_per_epoch: int):
+    """What follows the engines' load: the new world size's RNG streams and, for a new global batch, the
+    LR schedules at the same images. Returns (epoch, step in epoch) to continue at."""
+    if plan.resharded:
+        reseed_rank_streams(seed, rank, restored.global_step)
+    step = restored.step_in_epoch
+    if plan.batch_changed:
+        step = step_in_new_batch(plan, step, Path("."))
+        restart_schedules(engines, restored.epoch * steps_per_epoch + step)
+    return restored.epoch, step
+
+
+def announce(plan: ResumePlan, saved_accum: int, global_step: int, epoch: int, tracker) -> None:
+    """Log a re-sharding (or a global-batch change) and tag it on the run's MLflow run."""
+    if not (plan.resharded or plan.batch_changed):
+        return
+    change = describe(plan, saved_accum, global_step, epoch)
+    dist.log(change)
+    tracker.set_tags({f"resharded.step_{global_step:09d}": change, "world_size": str(plan.world_size)})

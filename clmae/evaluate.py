@@ -2,7 +2,10 @@
 
     clmae-eval linprobe runs/tiny_digits
     clmae-eval knn runs/tiny_digits/checkpoints/step_000000460 data.val_path=data/digits/val.beton
+    clmae-eval knn_reference runs/tiny_digits
+    clmae-eval linprobe runs/tiny_digits --lr-rule reference --augment
     clmae-eval fewshot encoder.safetensors --config tiny_digits
+    clmae-eval knn runs/tiny_digits --data data/downstream/svhn     # a folder with train.beton + val.beton
     torchrun --nproc_per_node 2 -m clmae.evaluate finetune runs/tiny_digits --epochs 2
 
 CHECKPOINT is a run directory (its newest complete checkpoint), a step directory, or a weights file
@@ -13,9 +16,13 @@ own (a weights file has none: defaults, or --config), then --config, then `secti
 Launched like pre-training (torchrun, srun, or a single process). The probes and k-NN run on rank 0 from
 features that all ranks compute together once and cache; fine-tuning runs on every rank.
 
-Results: a table on stdout, a JSON file (--out; default <run_dir>/eval/<step>/<protocol>.json, or
-<file>_eval/<protocol>.json beside a weights file), and a new MLflow run in the pre-training run's experiment
-and store, tagged `clmae.pretrain_run_id`.
+The protocols are modules of clmae/eval/, found through clmae.eval.protocols() (the built-in list, plus
+CLMAE_EVAL_PLUGINS=module:attr,...): each declares its options, settings and run function
+(clmae/eval/protocol.py); this module does what is common to all of them.
+
+Results: a table on stdout, a JSON file naming the protocol and its settings (--out; default
+<run_dir>/eval/<step>/<protocol>.json, or <file>_eval/<protocol>.json beside a weights file), and a new
+MLflow run in the pre-training run's experiment and store, tagged `clmae.pretrain_run_id`.
 """
 
 from __future__ import annotations
@@ -24,24 +31,10 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 from pathlib import Path
-from typing import Any
 
 from clmae.cli import run_main
-from clmae.errors import ClmaeError
-
-PROTOCOLS = {
-    "linprobe": "MAE linear-probe recipe on frozen CLS features (BN + Linear, LARS); top-1 / top-5",
-    "fewshot": "linear probe on 1, 2, 4, 8, 16 labelled images per class, 3 seeds, mean +- std",
-    "knn": "k-NN: reference (L2 on mean-pooled patches, k=5, majority + any of 5) and weighted cosine (k=20, T=0.07)",
-    "finetune": "MAE fine-tuning recipe on DeepSpeed (layer decay, drop path, mixup/cutmix, RandAug, erasing)",
-}
-
-
-class DatasetMismatchError(ClmaeError, ValueError):
-    """The training and validation files do not describe the same classes."""
-
+from clmae.eval.protocol import DatasetMismatchError, metric_table
 
 # --------------------------------------------------------------------------------------------------
 # Command line
@@ -49,7 +42,7 @@ class DatasetMismatchError(ClmaeError, ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from clmae.eval import linprobe
+    from clmae.eval import protocols
 
     parser = argparse.ArgumentParser(
         prog="clmae-eval",
@@ -57,33 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: clmae-eval linprobe runs/tiny_digits data.val_path=data/digits/val.beton",
     )
     sub = parser.add_subparsers(dest="protocol", required=True)
-    for name, text in PROTOCOLS.items():
-        p = sub.add_parser(name, help=text, description=text)
+    for name, protocol in protocols().items():
+        p = sub.add_parser(name, help=protocol.help, description=protocol.help)
         p.add_argument("checkpoint", help="run directory, checkpoints/step_* directory, or weights file")
         p.add_argument("--config", default=None, help="config name or YAML merged over the checkpoint's config")
         p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. data.val_path=val.beton")
         p.add_argument("--out", type=Path, default=None, help="results JSON (default: beside the checkpoint)")
-        if name in ("linprobe", "fewshot"):
-            p.add_argument("--epochs", type=int, default=linprobe.EPOCHS)
-            p.add_argument("--warmup-epochs", type=float, default=linprobe.WARMUP_EPOCHS)
-            p.add_argument(
-                "--batch-size", type=int, default=linprobe.BATCH_SIZE, help="global batch; lr = base_lr * batch / 256"
-            )
-            p.add_argument("--base-lr", type=float, default=linprobe.BASE_LR)
-        if name == "fewshot":
-            p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-            p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-        if name == "finetune":
-            p.add_argument("--epochs", type=int, default=None, help="default: 100 (B), 50 (L, H), 2 (vit_tiny)")
-            p.add_argument("--warmup-epochs", type=float, default=None)
-            p.add_argument("--base-lr", type=float, default=None, help="lr = base_lr * global batch / 256")
-            p.add_argument("--layer-decay", type=float, default=None, help="0.65 (B), 0.75 (L, H)")
-            p.add_argument("--drop-path", type=float, default=None, help="0.1 (B), 0.2 (L), 0.3 (H)")
-            p.add_argument("--mixup", type=float, default=None, help="mixup alpha (0.8)")
-            p.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (1.0)")
-            p.add_argument("--smoothing", type=float, default=None, help="label smoothing (0.1)")
-            p.add_argument("--randaug", default=None, help="timm RandAugment policy (rand-m9-mstd0.5-inc1); '' = off")
-            p.add_argument("--reprob", type=float, default=None, help="random erasing probability (0.25)")
+        p.add_argument(
+            "--data",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help="DIR/train.beton and DIR/val.beton as data.train_path "
+            "and data.val_path (a clmae-prep output folder; its dataset.json's eval transform applies)",
+        )
+        protocol.add_arguments(p)
     return parser
 
 
@@ -103,7 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [item for item in rest if item.startswith("-") or "=" not in item]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*args.overrides, *rest]
+    data = []
+    if args.data is not None:  # before the overrides, so that an explicit data.*_path still wins
+        missing = [name for name in ("train.beton", "val.beton") if not (args.data / name).is_file()]
+        if missing:
+            parser.error(f"--data {args.data}: no {' or '.join(missing)} in it (write them with clmae-prep)")
+        data = [f"data.train_path={args.data / 'train.beton'}", f"data.val_path={args.data / 'val.beton'}"]
+    args.overrides = [*data, *args.overrides, *rest]
     return args
 
 
@@ -117,8 +104,8 @@ def resolve_config(source, config_name: str | None, overrides: list[str]):
     encoder must fit the model the result names."""
     from clmae.config import CONFIG_DIR, DEFAULTS_NAME, apply_overrides, build_config, deep_merge, read_yaml
     from clmae.config import resolve_config_path as resolve_path
-    from clmae.export import check_fits_timm
     from clmae.models import timm_encoder_kwargs
+    from clmae.weights import check_fits_timm
 
     data = read_yaml(CONFIG_DIR / f"{DEFAULTS_NAME}.yaml")
     data = deep_merge(data, {"model": {"name": source.model_name, "img_size": source.img_size}})
@@ -201,67 +188,48 @@ def tracking_dir(source) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clmae.export import load_encoder
+    from clmae.eval import protocols
+    from clmae.weights import load_encoder
 
+    protocol = protocols()[args.protocol]
     source = load_encoder(args.checkpoint)
     cfg = resolve_config(source, args.config, args.overrides)
     num_classes = check_classes(cfg.data.train_path, cfg.data.val_path)
-    if args.protocol == "fewshot" and Path(cfg.data.train_path).resolve() == Path(cfg.data.val_path).resolve():
-        raise DatasetMismatchError(
-            f"few-shot draws its labelled images from data.train_path and evaluates on data.val_path; both are "
-            f"{cfg.data.train_path}, so evaluation images could be among the labelled ones"
-        )
+    if protocol.check is not None:
+        protocol.check(args, cfg)
+    settings = protocol.settings(args, source)
     out_dir = default_output_dir(source)
-    out_file = args.out or out_dir / f"{args.protocol}.json"
-
-    import torch
+    out_file = args.out or out_dir / f"{protocol.name}.json"
 
     from clmae import dist
+    from clmae.eval.protocol import EvalContext
     from clmae.tracking import Tracker
 
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_minutes)
     tracker = None
     try:
-        run_name = f"{cfg.run.name}-{args.protocol}"
+        run_name = f"{cfg.run.name}-{protocol.name}"
         tracker = Tracker(
             dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_name)), tracking_dir(source), env.is_main
         )
-        settings = protocol_settings(args, source)
         tracker.set_tags(
             {
                 "clmae.pretrain_run_id": source.pretrain_run_id or "",
-                "clmae.protocol": args.protocol,
+                "clmae.protocol": protocol.name,
                 "clmae.checkpoint": str(source.origin.resolve()),
             }
         )
-        if tracker.active:
-            import mlflow
-
-            mlflow.log_params({f"eval.{k}": str(v) for k, v in settings.items()})
+        tracker.log_params({f"eval.{k}": v for k, v in settings.items()})
         dist.log(
-            f"{args.protocol}: {source.model_name} from {source.origin}, {num_classes} classes, "
+            f"{protocol.name}: {source.model_name} from {source.origin}, {num_classes} classes, "
             f"train {cfg.data.train_path}, val {cfg.data.val_path}, {env.world_size} rank(s)"
         )
-
-        if args.protocol == "finetune":
-            from clmae.eval.finetune import FinetuneSettings, finetune
-
-            results = finetune(source, cfg, env, num_classes, FinetuneSettings(**settings), tracker)
-        else:
-            from clmae.eval.features import cached_features
-
-            encoder = source.build_timm().to(env.device)
-            train = cached_features(encoder, source.identity(), cfg.data.train_path, cfg, env, out_dir / "features")
-            val = cached_features(encoder, source.identity(), cfg.data.val_path, cfg, env, out_dir / "features")
-            results = (
-                feature_protocol(args.protocol, train, val, num_classes, settings, torch.device(env.device))
-                if env.is_main
-                else {}
-            )
-
+        ctx = EvalContext(source, cfg, env, num_classes, settings, tracker, out_dir)
+        results = protocol.run(ctx)
         if env.is_main:
             report = {
-                "protocol": args.protocol,
+                "protocol": protocol.name,
+                "description": protocol.help,
                 "checkpoint": str(source.origin.resolve()),
                 "model": source.model_name,
                 "global_step": source.global_step,
@@ -274,13 +242,10 @@ def run(args: argparse.Namespace) -> int:
                 "results": results,
             }
             write_json(out_file, report)
-            print(format_table(args.protocol, results))
+            print(format_table(protocol.name, results))
             print(f"results: {out_file}")
-            if tracker.active:
-                import mlflow
-
-                mlflow.log_metrics(results, synchronous=True)
-                tracker.log_artifact(out_file)
+            tracker.log_metrics(results, step=None)
+            tracker.log_artifact(out_file)
         tracker.finish()
         return 0
     except BaseException:
@@ -291,60 +256,12 @@ def run(args: argparse.Namespace) -> int:
         dist.shutdown()
 
 
-def protocol_settings(args: argparse.Namespace, source) -> dict[str, Any]:
-    """The protocol's hyper-parameters as used (recorded in the JSON and as MLflow params)."""
-    if args.protocol in ("linprobe", "fewshot"):
-        settings = {k: getattr(args, k) for k in ("epochs", "warmup_epochs", "batch_size", "base_lr")}
-        if args.protocol == "fewshot":
-            settings.update(shots=list(args.shots), seeds=list(args.seeds))
-        return settings
-    if args.protocol == "finetune":
-        from clmae.eval.finetune import FinetuneSettings
-
-        settings = dataclasses.asdict(FinetuneSettings.for_model(source.model_name))
-        given = {k: v for k, v in vars(args).items() if k in settings and v is not None}
-        return settings | given
-    from clmae.eval import knn
-
-    return {"l2_k": knn.REFERENCE_K, "cosine_k": knn.COSINE_K, "cosine_temperature": knn.COSINE_TEMPERATURE}
-
-
-def feature_protocol(protocol: str, train, val, num_classes: int, settings: dict, device) -> dict[str, float]:
-    """linprobe, fewshot or knn on cached features (rank 0)."""
-    from clmae.eval import fewshot, knn, linprobe
-
-    train, val = train.to(device), val.to(device)
-    if protocol == "knn":
-        return knn.evaluate_knn(train, val, num_classes)
-    probe_kwargs = {k: settings[k] for k in ("epochs", "warmup_epochs", "batch_size", "base_lr")}
-    if protocol == "linprobe":
-        probe = linprobe.train_linear_probe(train.cls, train.labels, num_classes, show_progress=True, **probe_kwargs)
-        return {f"linprobe/{k}": v for k, v in linprobe.accuracy(probe, val.cls, val.labels).items()}
-    return fewshot.run_fewshot(
-        train.cls,
-        train.labels,
-        val.cls,
-        val.labels,
-        num_classes,
-        tuple(settings["shots"]),
-        tuple(settings["seeds"]),
-        **probe_kwargs,
-    )
-
-
 def format_table(protocol: str, results: dict[str, float]) -> str:
-    """Results as aligned `metric  value` lines; few-shot as one `shots  mean +- std` line per shot count."""
-    if protocol == "fewshot":
-        shots = sorted({int(re.match(r"fewshot_(\d+)shot/", key).group(1)) for key in results})
-        rows = [("shots", "top-1 % (mean +- std)")]
-        rows += [
-            (str(n), f"{results[f'fewshot_{n}shot/top1_mean']:.2f} +- {results[f'fewshot_{n}shot/top1_std']:.2f}")
-            for n in shots
-        ]
-    else:
-        rows = [("metric", "%")] + [(name, f"{value:.2f}") for name, value in results.items()]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    """The protocol's table of its results (default: aligned `metric  value` lines)."""
+    from clmae.eval import protocols
+
+    formatter = protocols()[protocol].format_table or metric_table
+    return formatter(results)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -1,10 +1,10 @@
-"""`clmae-export`: a checkpoint's encoder as a timm state dict, and where every evaluation gets its encoder.
+"""`clmae-export`: a checkpoint's encoder as a timm state dict (or its MAE, or its masking module).
 
     clmae-export runs/clmae_vitb --out vitb_encoder.safetensors
     clmae-export runs/clmae_vitb/checkpoints/step_000500000 --out clmae.pth --what all
 
 The ZeRO-sharded engine states (any stage, written by any number of ranks) are consolidated into fp32 by
-DeepSpeed's own tool (`clmae.checkpoint.consolidated_state_dict`), on CPU. The encoder's keys are those of
+DeepSpeed's own tool (`clmae.weights.consolidated_state_dict`), on CPU. The encoder's keys are those of
 timm's VisionTransformer, so the file loads with `strict=True` into
 `timm.create_model(<timm name>, num_classes=0)` (plus the sizes, for the CPU-sized `vit_tiny`).
 
@@ -17,180 +17,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from clmae.checkpoint import CheckpointError, find_latest, is_complete, read_client_state
+from clmae.checkpoint import CheckpointError, read_client_state
 from clmae.cli import run_main
-from clmae.config import Config, ConfigError, build_config
-from clmae.models import VIT_SPECS, MaskedAutoencoderViT, timm_encoder_kwargs
+from clmae.config import ConfigError
+from clmae.files import atomic_path
+from clmae.specs import model_image_size, timm_encoder_kwargs
+from clmae.weights import (
+    check_fits_timm,
+    checkpoint_config,
+    consolidated_state_dict,
+    describe_sizes,
+    resolve_step_dir,
+    split_encoder,
+)
 
 SUFFIXES = (".safetensors", ".pth", ".pt")
 WHAT_CHOICES = ("encoder", "mae", "cmm", "all")
-
-
-# --------------------------------------------------------------------------------------------------
-# Where an encoder comes from: a checkpoint directory or a weights file
-# --------------------------------------------------------------------------------------------------
-
-
-def resolve_step_dir(path: str | os.PathLike) -> Path:
-    """A complete `step_*` directory: `path` itself, or the newest complete one of the run directory `path`."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint directory or file")
-    if path.is_dir() and is_complete(path):
-        return path
-    if path.is_dir():
-        found = find_latest(path)
-        if found is not None:
-            return found
-    raise CheckpointError(
-        f"{path}: not a clmae checkpoint (expected a run directory with checkpoints/step_*/COMPLETE, "
-        "or one such step directory)"
-    )
-
-
-def run_dir_of(step_dir: Path) -> Path:
-    """<run_dir>/checkpoints/step_X -> <run_dir>."""
-    return step_dir.parent.parent
-
-
-def checkpoint_config(step_dir: Path) -> Config:
-    """The full config the checkpoint was trained with (saved in its client state)."""
-    try:
-        return build_config(read_client_state(step_dir).config)
-    except ConfigError as err:
-        raise CheckpointError(f"{step_dir}: its saved config is not valid for this version of clmae: {err}") from err
-
-
-def split_encoder(mae_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The encoder's entries of an MAE state dict (timm VisionTransformer names)."""
-    return {k: v for k, v in mae_state.items() if k.split(".")[0] in MaskedAutoencoderViT.ENCODER_KEYS}
-
-
-def infer_architecture(encoder_state: dict[str, torch.Tensor]) -> tuple[str, int]:
-    """(model name, image size) of an encoder state dict, from its shapes: patch size, width and depth
-    identify the VIT_SPECS entry (and with it the head count, which shapes cannot tell), the position
-    embedding's length the image size."""
-    try:
-        proj = encoder_state["patch_embed.proj.weight"]  # (D, 3, p, p)
-        num_tokens = encoder_state["pos_embed"].shape[1]  # 1 + (img / p) ** 2
-    except KeyError as err:
-        raise CheckpointError(f"not a ViT encoder state dict: no {err.args[0]!r}") from None
-    depth = 1 + max((int(k.split(".")[1]) for k in encoder_state if k.startswith("blocks.")), default=-1)
-    width, patch = proj.shape[0], proj.shape[-1]
-    for name, spec in VIT_SPECS.items():
-        if (spec.patch_size, spec.embed_dim, spec.depth) == (patch, width, depth):
-            return name, round((num_tokens - 1) ** 0.5) * patch
-    known = ", ".join(f"{n} (patch {s.patch_size}, width {s.embed_dim}, depth {s.depth})" for n, s in VIT_SPECS.items())
-    raise CheckpointError(f"encoder with patch {patch}, width {width}, depth {depth} matches no known model: {known}")
-
-
-@dataclass
-class EncoderSource:
-    """A pre-trained encoder and what is known about where it came from.
-
-    state: timm VisionTransformer keys; model_name / img_size: our VIT_SPECS name and resolution;
-    config: the pre-training config (None for a weights file); step_dir or file: the origin.
-    """
-
-    state: dict[str, torch.Tensor]
-    model_name: str
-    img_size: int
-    config: Config | None
-    pretrain_run_id: str | None
-    step_dir: Path | None = None
-    file: Path | None = None
-    global_step: int | None = None
-
-    @property
-    def timm_kwargs(self) -> dict[str, Any]:
-        return timm_encoder_kwargs(self.model_name, self.img_size)
-
-    @property
-    def origin(self) -> Path:
-        return self.step_dir if self.step_dir is not None else self.file
-
-    def identity(self) -> dict[str, Any]:
-        """What changes whenever the weights can have changed (keys feature caches)."""
-        marker = self.step_dir / "COMPLETE" if self.step_dir is not None else self.file
-        stat = marker.stat()
-        return {"path": str(self.origin.resolve()), "mtime_ns": stat.st_mtime_ns, "size": stat.st_size}
-
-    def build_timm(self) -> torch.nn.Module:
-        """The headless timm ViT with these weights, loaded strict."""
-        import timm
-
-        model = timm.create_model(**self.timm_kwargs)
-        model.load_state_dict(self.state, strict=True)
-        return model
-
-
-def load_encoder(source: str | os.PathLike) -> EncoderSource:
-    """The encoder of a checkpoint directory (run or step; consolidated from its ZeRO shards) or of a weights
-    file (an encoder exported by clmae-export, a full MAE, or facebookresearch/mae's `{"model": ...}`)."""
-    from clmae.checkpoint import consolidated_state_dict, read_mae_state_dict
-
-    path = Path(source).expanduser()
-    if path.is_file():
-        state = split_encoder(read_mae_state_dict(path))
-        if not state:
-            raise CheckpointError(f"{path}: holds no encoder weights (a masking-module export?)")
-        name, img_size = infer_architecture(state)
-        metadata = _safetensors_metadata(path)
-        check_fits_timm(state, timm_encoder_kwargs(name, img_size), where=str(path))
-        return EncoderSource(state, name, img_size, None, metadata.get("clmae.pretrain_run_id"), file=path)
-    step_dir = resolve_step_dir(path)
-    cfg = checkpoint_config(step_dir)
-    state = split_encoder(consolidated_state_dict(step_dir, "mae"))
-    img_size = cfg.model.img_size or VIT_SPECS[cfg.model.name].img_size
-    check_fits_timm(state, timm_encoder_kwargs(cfg.model.name, img_size), where=str(step_dir))
-    client = read_client_state(step_dir)
-    return EncoderSource(
-        state, cfg.model.name, img_size, cfg, client.mlflow_run_id, step_dir=step_dir, global_step=client.global_step
-    )
-
-
-def check_fits_timm(state: dict[str, torch.Tensor], kwargs: dict[str, Any], where: str) -> None:
-    """Raise CheckpointError unless `state` loads strict into `timm.create_model(**kwargs)`: the same checks
-    as `load_state_dict(strict=True)`, on a meta-device model (shapes only, instant even for ViT-H)."""
-    import timm
-
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in timm.create_model(**kwargs).state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(s)}" for k, s in expected.items() if k in state and state[k].shape != s
-    ]
-    if missing or unexpected or mismatched:
-        parts = [
-            f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})" if missing else "",
-            f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
-            f"shape mismatch: {'; '.join(mismatched[:3])}" if mismatched else "",
-        ]
-        raise CheckpointError(
-            f"{where}: does not fit timm's {kwargs['model_name']} {_sizes(kwargs)}: {'; '.join(p for p in parts if p)}"
-        )
-
-
-def _sizes(kwargs: dict[str, Any]) -> str:
-    return (
-        f"({kwargs['img_size']} px, patch {kwargs['patch_size']}, width {kwargs['embed_dim']}, depth {kwargs['depth']})"
-    )
-
-
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    if path.suffix != ".safetensors":
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.metadata() or {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,17 +60,13 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[s
     # Own, contiguous storage per tensor: safetensors refuses shared or strided tensors, and a .pth of views
     # would drag their whole base storage along.
     state = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(state, str(tmp), metadata=metadata)
         else:
             torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -267,7 +110,7 @@ def output_paths(out: Path, what: str) -> dict[str, Path]:
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, what: str = "encoder", overwrite: bool = False):
     """Consolidate `checkpoint` and write the requested parts. Returns ({part: path}, timm kwargs)."""
-    from clmae.checkpoint import consolidated_state_dict
+    from clmae.masking import strategy_class
 
     if what not in WHAT_CHOICES:
         raise ConfigError(f"--what {what}: choose one of {', '.join(WHAT_CHOICES)}")
@@ -277,10 +120,11 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, what: str = "e
     step_dir = resolve_step_dir(checkpoint)
     cfg = checkpoint_config(step_dir)
     client = read_client_state(step_dir)
-    img_size = cfg.model.img_size or VIT_SPECS[cfg.model.name].img_size
+    img_size = model_image_size(cfg.model)
     kwargs = timm_encoder_kwargs(cfg.model.name, img_size)
-    if "cmm" in targets and cfg.masking.mode != "curriculum":
-        raise CheckpointError(f"{step_dir}: a plain-MAE run (masking.mode={cfg.masking.mode}) has no masking module")
+    masking_module = strategy_class(cfg.masking.mode).module_name
+    if "cmm" in targets and masking_module is None:
+        raise CheckpointError(f"{step_dir}: masking.mode={cfg.masking.mode} trains no masking module to export")
     metadata = {
         "format": "pt",
         "clmae.model": cfg.model.name,
@@ -302,7 +146,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, what: str = "e
         elif part == "mae":
             state = mae_state
         else:
-            state = consolidated_state_dict(step_dir, "cmm")
+            state = consolidated_state_dict(step_dir, masking_module)
         written[part] = save_state_dict(state, path, {**metadata, "clmae.part": part})
     return written, kwargs
 
@@ -332,7 +176,7 @@ def _main(argv: list[str] | None = None) -> int:
     for part, path in written.items():
         print(f"wrote {part}: {path}")
     if "encoder" in written:
-        print(f"timm model: {kwargs['model_name']} {_sizes(kwargs)}, num_classes=0; load it with:\n")
+        print(f"timm model: {kwargs['model_name']} {describe_sizes(kwargs)}, num_classes=0; load it with:\n")
         print(loading_snippet(written["encoder"], kwargs))
     return 0
 

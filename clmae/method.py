@@ -1,11 +1,13 @@
-"""The two optimisation steps of one CL-MAE iteration, run on the same batch (SPEC sections 3 and 6).
+"""The losses of the two optimisation steps of one CL-MAE iteration, on the same batch (SPEC sections 3 and 6).
 
-    loss, metrics = mae_step(mae, cmm, imgs, cfg)             # hard masks; backward + step the MAE
-    loss, metrics = cmm_step(mae, cmm, imgs, lam, cfg)        # soft masks; backward + step the CMM
+    loss, metrics = mae_step(mae, scorer, imgs, cfg)          # hard masks: the MAE's loss
+    loss, metrics = cmm_step(mae, cmm, imgs, lam, cfg)        # soft masks: the CMM's loss
 
-`lam` comes from `clmae.curriculum.curriculum_factor`. For `masking.mode: random` (plain MAE) `cmm` is None and
-only `mae_step` runs. Metrics are detached 0-d tensors on the batch's device: nothing here waits on the device,
-the caller decides when to read them.
+Each returns the loss to backpropagate; the caller runs backward and the optimiser step (clmae/step.py through
+the engines, or plain torch in tests and benchmarks). `lam` comes from `clmae.curriculum.curriculum_factor`.
+The masking strategy (clmae/masking.py) supplies the scorer of the hard masks: the CMM for curriculum, None for
+plain MAE's random masks (which has no CMM step). Metrics are detached 0-d tensors on the batch's device:
+nothing here waits on the device, the caller decides when to read them.
 
 Under DeepSpeed pass the CMM step the MAE's plain module (`engine.module`), not its engine: the MAE is frozen in
 that step, and its engine's gradient partitioning does not expect a forward without gradients.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clmae.config import Config
 from clmae.losses import cmm_loss, reconstruction_loss, reconstruction_target
+from clmae.masking import build_strategy
 from clmae.models import CurriculumMaskingModule, MaskedAutoencoderViT, build_models
 
 
@@ -57,14 +60,15 @@ def mask_statistics(keep: Tensor) -> dict[str, Tensor]:
 
 
 def mae_step(
-    mae: MaskedAutoencoderViT, cmm: CurriculumMaskingModule | None, imgs: Tensor, cfg: Config
+    mae: MaskedAutoencoderViT, scorer: Callable[[Tensor], Tensor] | None, imgs: Tensor, cfg: Config
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The MAE's loss on hard masks: the CMM's top-k (curriculum) or uniform noise (cmm None).
+    """The MAE's loss on hard masks: the top k of the scorer's keep scores (the CMM for curriculum), or
+    uniform noise (scorer None).
 
-    imgs: (B, 3, H, W). The CMM runs under no_grad inside the MAE's forward: no graph, no gradient reaches it.
+    imgs: (B, 3, H, W). The scorer runs under no_grad inside the MAE's forward: no graph, no gradient reaches it.
     Returns the reconstruction loss over hidden patches and {"loss_rec"}.
     """
-    pred, hidden, _ = mae(imgs, cmm)
+    pred, hidden, _ = mae(imgs, scorer)
     target = reconstruction_target(mae.patchify(imgs), cfg.model.norm_pix_loss)
     loss = reconstruction_loss(pred, target, hidden)
     return loss, {"loss_rec": loss.detach()}
@@ -93,23 +97,17 @@ def cmm_step(
 def iteration_flops(cfg: Config) -> dict[str, float]:
     """Training FLOPs (forward + backward) per image of each step: {"mae": ..., "cmm": ...}.
 
-    Counted, not estimated: the two steps run once on a meta-device copy of the models, the same code as
-    training, with no memory and no compute. The MAE step includes the CMM's no-grad forward; "cmm" is 0
-    for plain MAE (masking.mode: random). The optimiser's element-wise work is not included.
+    Counted, not estimated: the steps run once on a meta-device copy of the models, the same code as
+    training, with no memory and no compute. The MAE step includes the scorer's no-grad forward; "cmm" is the
+    masking strategy's own step (0 for plain MAE, masking.mode: random). The optimiser's element-wise work is
+    not included.
     """
+    strategy = build_strategy(cfg)
     with torch.device("meta"):
-        mae, cmm = build_models(cfg)
+        mae, module = build_models(cfg)
         size = mae.patch_embed.img_size
         images = torch.randn(1, 3, *size)
-    counts = {}
     with FlopCounterMode(display=False) as counter:
-        loss, _ = mae_step(mae, cmm, images, cfg)
+        loss, _ = mae_step(mae, strategy.scorer(module), images, cfg)
         loss.backward()
-    counts["mae"] = float(counter.get_total_flops())
-    counts["cmm"] = 0.0
-    if cmm is not None:
-        with FlopCounterMode(display=False) as counter:
-            loss, _ = cmm_step(mae, cmm, images, 0.5, cfg)
-            loss.backward()
-        counts["cmm"] = float(counter.get_total_flops())
-    return counts
+    return {"mae": float(counter.get_total_flops()), "cmm": strategy.step_flops(mae, module, images)}

@@ -15,7 +15,7 @@ own: it reads the MAE's position-embedded patch tokens, which `MaskedAutoencoder
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -24,61 +24,13 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from clmae.config import Config
+from clmae.masking import build_strategy
+from clmae.specs import VIT_SPECS, image_size
+from clmae.specs import timm_encoder_kwargs as timm_encoder_kwargs  # where clmae-eval looks it up
 
 # MAE and timm's ViT use 1e-6; the CMM follows the reference code, which builds it with nn.LayerNorm's 1e-5.
 MAE_NORM = partial(nn.LayerNorm, eps=1e-6)
 CMM_NORM = partial(nn.LayerNorm, eps=1e-5)
-
-
-@dataclass(frozen=True)
-class ViTSpec:
-    """An MAE architecture: the encoder is timm's `timm_name` at these sizes, the decoder is MAE's."""
-
-    img_size: int
-    patch_size: int
-    embed_dim: int
-    depth: int
-    num_heads: int
-    timm_name: str
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-
-
-VIT_SPECS: dict[str, ViTSpec] = {
-    # CPU-sized for tests and the demo: 8x8 patches of 4 px, 6 blocks of width 128 (head width 32, as the
-    # decoders of B/L/H); the decoder keeps MAE's proportions (narrower and shallower than the encoder). With its
-    # CMM, one CL-MAE iteration (both steps) on 64 images takes about 1.2 s on two CPU cores; ViT-Ti's width (192)
-    # took twice that.
-    "vit_tiny": ViTSpec(
-        img_size=32,
-        patch_size=4,
-        embed_dim=128,
-        depth=6,
-        num_heads=4,
-        timm_name="vit_tiny_patch16_224",
-        decoder_embed_dim=96,
-        decoder_depth=2,
-        decoder_num_heads=3,
-    ),
-    "vit_base_patch16": ViTSpec(224, 16, 768, 12, 12, timm_name="vit_base_patch16_224"),
-    "vit_large_patch16": ViTSpec(224, 16, 1024, 24, 16, timm_name="vit_large_patch16_224"),
-    "vit_huge_patch14": ViTSpec(224, 14, 1280, 32, 16, timm_name="vit_huge_patch14_224"),
-}
-
-
-def timm_encoder_kwargs(name: str, img_size: int | None = None) -> dict:
-    """Arguments of `timm.create_model` for the headless timm ViT that our `name` encoder's weights load into."""
-    spec = VIT_SPECS[name]
-    return {
-        "model_name": spec.timm_name,
-        "img_size": img_size or spec.img_size,
-        "patch_size": spec.patch_size,
-        "embed_dim": spec.embed_dim,
-        "depth": spec.depth,
-        "num_heads": spec.num_heads,
-        "num_classes": 0,
-    }
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> Tensor:
@@ -128,7 +80,7 @@ def topk_masking(keep: Tensor, num_visible: int) -> tuple[Tensor, Tensor, Tensor
 
 
 class MaskedAutoencoderViT(nn.Module):
-    """MAE with a ViT encoder; masking by uniform noise (plain MAE) or by a curriculum masking module."""
+    """MAE with a ViT encoder; masking by uniform noise (plain MAE) or by a masking strategy's keep scores."""
 
     # Top-level names of the encoder's parameters: timm's VisionTransformer uses the same.
     ENCODER_KEYS = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")
@@ -184,9 +136,6 @@ class MaskedAutoencoderViT(nn.Module):
         """The encoder's weights under timm VisionTransformer names (load into `timm_encoder_kwargs(name)`)."""
         return {key: value for key, value in self.state_dict().items() if key.split(".")[0] in self.ENCODER_KEYS}
 
-    def no_weight_decay(self) -> set[str]:
-        return {"cls_token", "pos_embed", "mask_token", "decoder_pos_embed"}
-
     def patchify(self, imgs: Tensor) -> Tensor:
         """imgs: (B, 3, H, W) -> patches: (B, L, P), each patch flattened as (p, p, 3)."""
         p = self.patch_size
@@ -235,33 +184,38 @@ class MaskedAutoencoderViT(nn.Module):
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
-    def forward(self, imgs: Tensor, cmm: nn.Module | None = None, soft: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, imgs: Tensor, scorer: Callable[[Tensor], Tensor] | None = None, soft: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """One MAE pass; everything runs inside this call so that wrappers hooking `forward` see all of it.
 
         imgs: (B, 3, H, W)
-        cmm: maps the patch tokens (B, L, D) to keep scores m (B, L); None = plain MAE random masking.
+        scorer: maps the patch tokens (B, L, D) to keep scores m (B, L), high = keep visible: a masking strategy's
+            (clmae/masking.py), e.g. the curriculum masking module; None = MAE's uniform random noise.
         soft: False = hard path: the k patches with the highest m are visible, the rest are dropped. m only
-            selects indices, which carry no gradient, so the CMM runs without autograd here.
-            True = soft path (needs `cmm`): every token is scaled by its m and all L go through encoder and
+            selects indices, which carry no gradient, so the scorer runs without autograd here.
+            True = soft path (needs a scorer): every token is scaled by its m and all L go through encoder and
             decoder, so the reconstruction is differentiable in m.
         Returns pred (B, L, P); hidden (B, L), each patch's weight in the loss: the binary mask (1 = hidden) on the
         hard path, 1 - m on the soft path; keep (B, L), the scores used (m, or the noise of random masking).
         """
         tokens = self.embed_patches(imgs)
         if soft:
-            if cmm is None:
-                raise ValueError("the soft path needs a curriculum masking module")
-            keep = cmm(tokens)
+            if scorer is None:
+                raise ValueError("the soft path needs a scorer, such as a curriculum masking module")
+            keep = scorer(tokens)
             pred = self.forward_decoder(self.forward_encoder(tokens * keep.unsqueeze(-1)))
             return pred, 1 - keep, keep
-        if cmm is None:
-            keep = torch.rand(tokens.shape[:2], device=tokens.device)
-        else:
-            with torch.no_grad():
-                keep = cmm(tokens)
+        with torch.no_grad():
+            keep = (scorer or uniform_keep_scores)(tokens)
         ids_keep, ids_restore, mask = topk_masking(keep, self.num_visible)
         pred = self.forward_decoder(self.forward_encoder(tokens, ids_keep), ids_restore)
         return pred, mask, keep
+
+
+def uniform_keep_scores(tokens: Tensor) -> Tensor:
+    """MAE's random masking: uniform noise (B, L) as keep scores, so the top k are a uniform random subset."""
+    return torch.rand(tokens.shape[:2], device=tokens.device)
 
 
 class CurriculumMaskingModule(nn.Module):
@@ -282,9 +236,6 @@ class CurriculumMaskingModule(nn.Module):
         self.apply(init_weights_mae_style)
         nn.init.normal_(self.cls_token, std=0.02)
 
-    def no_weight_decay(self) -> set[str]:
-        return {"cls_token"}
-
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens: (B, L, D) position-embedded patch tokens -> m: (B, L) in (0, 1), high = keep visible."""
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
@@ -296,7 +247,7 @@ class CurriculumMaskingModule(nn.Module):
 def build_mae(name: str, img_size: int | None = None, mask_ratio: float = 0.75) -> MaskedAutoencoderViT:
     spec = VIT_SPECS[name]
     return MaskedAutoencoderViT(
-        img_size=img_size or spec.img_size,
+        img_size=image_size(name, img_size),
         patch_size=spec.patch_size,
         embed_dim=spec.embed_dim,
         depth=spec.depth,
@@ -308,12 +259,8 @@ def build_mae(name: str, img_size: int | None = None, mask_ratio: float = 0.75) 
     )
 
 
-def build_models(cfg: Config) -> tuple[MaskedAutoencoderViT, CurriculumMaskingModule | None]:
-    """The MAE and, for `masking.mode: curriculum`, its CMM (None for plain MAE). Seed the RNG before calling."""
+def build_models(cfg: Config) -> tuple[MaskedAutoencoderViT, nn.Module | None]:
+    """The MAE and the module its masking strategy trains (`masking.mode`; the CMM for curriculum, None for
+    random). Seed the RNG before calling."""
     mae = build_mae(cfg.model.name, cfg.model.img_size, cfg.model.mask_ratio)
-    if cfg.masking.mode == "random":
-        return mae, None
-    cmm = CurriculumMaskingModule(
-        mae.num_patches, mae.embed_dim, depth=cfg.masking.cmm_depth, num_heads=cfg.masking.cmm_heads
-    )
-    return mae, cmm
+    return mae, build_strategy(cfg).build_module(mae)

@@ -76,13 +76,23 @@ class Tracker:
             self.run_id = run.info.run_id
             mlflow.log_params(redacted_params(cfg))
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.active or step <= self.last_logged_step:
+    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None:
+        """Metrics of a training step (each step once, see the module docstring), or with step=None a run's
+        summary (final results, logged at MLflow's default step 0 whatever was logged before)."""
+        if not self.active or (step is not None and step <= self.last_logged_step):
             return
         import mlflow
 
         mlflow.log_metrics(metrics, step=step, synchronous=True)
-        self.last_logged_step = step
+        if step is not None:
+            self.last_logged_step = step
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Extra params (values logged as text), beside the config's."""
+        if self.active:
+            import mlflow
+
+            mlflow.log_params({key: str(value) for key, value in params.items()})
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.active:

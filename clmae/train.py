@@ -3,12 +3,15 @@
     torchrun --nproc_per_node 2 -m clmae.train --config tiny_digits
     srun --ntasks-per-node 8 clmae-pretrain --config vith data.batch_size=128
 
-`train()` below is the whole procedure, top to bottom: set up, resume, then for every iteration one
-MAE step and one masking-module step on the same batch (SPEC section 6), with metrics, checkpoints
-and preemption handled at optimiser-step boundaries.
+`train()` below is the whole procedure, top to bottom: `set_up` (data, models, engines, resume, tracking),
+then `train_one_epoch` until done: for every iteration one MAE step and the masking strategy's own step
+(the CMM step) on the same batch (SPEC section 6, clmae/step.py), with the NaN guard, metrics, checkpoints
+and preemption handled at optimiser-step boundaries. The loop's state is a `TrainState`; the decisions it
+takes at a boundary are `agree` (one collective), `MetricsWindow.report` and `checkpoint_reason`.
 
 Exit codes: 0 finished (or `train.stop_at_step` reached), 75 preempted and checkpointed (the SLURM
-scripts requeue on it), 2 bad input, 1 a crash or a diverged loss.
+scripts requeue on it), 124 hung (clmae/watchdog.py: no step within dist.step_timeout_s; the scripts requeue it as
+a crash), 2 bad input, 1 a crash or a diverged loss.
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ import signal
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from clmae import watchdog
 from clmae.cli import add_config_arguments, run_main
 
 EXIT_REQUEUE = 75  # sysexits EX_TEMPFAIL: "try again later", what a preempted run asks of its scheduler
@@ -33,6 +39,7 @@ _stop_signal: list[int] = []
 
 def _request_stop(signum, _frame) -> None:
     _stop_signal.append(signum)
+    watchdog.signalled()  # a rank that cannot reach the step boundary within the grace period dumps and exits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,334 +75,356 @@ def _main() -> int:
     return train(cfg)
 
 
-def train(cfg) -> int:
-    import torch
-    import torch.distributed as tdist
+# torch, DeepSpeed and the rest are imported inside the functions below, not at the top: `main` installs the
+# signal handlers first, so that a signal during those (long) imports is a stop request, not a dead rank.
 
-    from clmae import checkpoint, dist, elastic, faults
-    from clmae.config import save_config
-    from clmae.curriculum import curriculum_factor
-    from clmae.data import build_eval_loader, build_pretrain_loader
-    from clmae.engine import build_engines
-    from clmae.method import iteration_flops
-    from clmae.models import build_models
-    from clmae.tracking import Tracker, redact_uri
-    from clmae.viz import render_masks
+
+@dataclass
+class TrainState:
+    """Where training is; what a checkpoint records and a resume restores."""
+
+    epoch: int = 0  # epoch in progress
+    step_in_epoch: int = 0  # optimiser steps already done in that epoch
+    global_step: int = 0  # optimiser steps done in total
+
+
+@dataclass
+class Setup:
+    """Everything the loop works with, built once by `set_up`."""
+
+    cfg: Any
+    env: Any  # clmae.dist.DistEnv
+    run_dir: Path
+    loader: Any  # clmae.data pre-training loader
+    steps_per_epoch: int
+    engines: Any  # clmae.ds_engines.Engines
+    tracker: Any  # clmae.tracking.Tracker
+    val_images: Any  # (8, 3, H, W) for the mask pictures, or None
+    flops: dict[str, float]  # per image, of each step (clmae.method.iteration_flops)
+
+
+def train(cfg) -> int:
+    """Pre-train per `cfg` on the ranks of this launch; returns the exit code."""
+    from clmae import dist
 
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_minutes)
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    tracker = None
+    run = None
     try:
-        # ---- set up: data, models, engines, resume, tracking ------------------------------------------
-        device = torch.device(env.device)
-        resume_from = checkpoint.resolve_resume(cfg, run_dir)
-        saved = checkpoint.read_client_state(resume_from) if resume_from else None
-        plan = None
-        if saved is not None:
-            checkpoint.check_compatible(saved, cfg, resume_from)
-            plan = elastic.plan_resume(saved, cfg, env.world_size, resume_from)
-            cfg = plan.apply(cfg)  # the accumulation this world size needs; saved with the next checkpoint
-            if plan.batch_changed:
-                new_step_in_epoch = elastic.step_in_new_batch(plan, saved.step_in_epoch, resume_from)
-            if plan.resharded:
-                elastic.convert_to_universal(resume_from)
-
-        loader = build_pretrain_loader(cfg, env, device)
-        accum = cfg.train.accum_steps
-        steps_per_epoch = loader.batches_per_epoch // accum
-        if steps_per_epoch < 1:
-            raise checkpoint.ConfigError(
-                f"data.batch_size={cfg.data.batch_size} x train.accum_steps={accum} x {env.world_size} ranks "
-                f"needs more than the {loader.num_images} images of {cfg.data.train_path}"
-            )
-
-        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        mae, cmm = build_models(cfg)
-        if cfg.checkpoint.init_from and saved is None:
-            checkpoint.load_mae_weights(mae, cfg.checkpoint.init_from)
-            dist.log(f"MAE initialised from {cfg.checkpoint.init_from}")
-        resharded = plan is not None and plan.resharded
-        engines = build_engines(
-            cfg, mae.to(device), cmm.to(device) if cmm else None, steps_per_epoch, env.world_size, resharded
-        )
-        torch.manual_seed(cfg.run.seed * 1000 + env.rank)  # per-rank stream for random masking
-
-        epoch, step_in_epoch, global_step, run_id = 0, 0, 0, None
-        if saved is not None:
-            state = checkpoint.load(
-                resume_from, engines.as_dict(), resharded=resharded, load_schedules=not plan.batch_changed
-            )
-            epoch, step_in_epoch, global_step, run_id = (
-                state.epoch,
-                state.step_in_epoch,
-                state.global_step,
-                state.mlflow_run_id,
-            )
-            dist.log(
-                f"resumed from {resume_from} (epoch {epoch}, step {step_in_epoch} of it, global step {global_step})"
-            )
-            if resharded:
-                elastic.reseed_rank_streams(cfg.run.seed, env.rank, global_step)
-            if plan.batch_changed:
-                step_in_epoch = new_step_in_epoch
-                elastic.restart_schedules(engines.as_dict(), epoch * steps_per_epoch + step_in_epoch)
-
-        tracker = Tracker(cfg, run_dir, env.is_main, run_id)
-        if plan is not None and (plan.resharded or plan.batch_changed):
-            change = elastic.describe(plan, saved.config["train"]["accum_steps"], global_step, epoch)
-            dist.log(change)
-            tracker.set_tags({f"resharded.step_{global_step:09d}": change, "world_size": str(env.world_size)})
-        if env.is_main:
-            config_path = save_config(cfg, run_dir / "config.yaml")
-            if run_id is None:
-                tracker.log_artifact(config_path)
-                tracker.log_artifact(_write_json(run_dir / "ds_config.json", engines.ds_config))
-        dist.log(
-            f"{cfg.model.name} ({cfg.masking.mode} masking), {env.world_size} ranks ({env.launcher}, {env.backend}), "
-            f"global batch {engines.global_batch}, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, "
-            f"run directory {run_dir.resolve()}, "
-            + (f"MLflow {redact_uri(tracker.uri)} run {tracker.run_id}" if tracker.active else "MLflow off")
-        )
-        val_images = None
-        if cfg.tracking.mask_images_every_epochs:
-            # The same images at every picture (the first of the validation file, on every rank: under
-            # ZeRO-3 the forward is collective) so that the pictures show the masks change over training.
-            first_batches = build_eval_loader(cfg, dist.DistEnv.single(), device).iterate_epoch(0)
-            val_images = next(first_batches)[0][:8].clone()
-            first_batches.close()
-        flops = iteration_flops(cfg)
-        cmm_module = engines.cmm.module if engines.cmm is not None else None
-
-        def save(reason: str) -> None:
-            lam = curriculum_factor(
-                min(epoch, cfg.train.epochs - 1), cfg.train.epochs, schedule=cfg.curriculum.schedule
-            )
-            client = checkpoint.ClientState(
-                epoch=epoch,
-                step_in_epoch=step_in_epoch,
-                global_step=global_step,
-                world_size=env.world_size,
-                mlflow_run_id=tracker.run_id,
-                config=cfg.to_dict(),
-                curriculum_lambda=lam,
-            )
-            path = checkpoint.save(run_dir, engines.as_dict(), client, cfg.checkpoint.keep_last)
-            dist.log(f"checkpoint ({reason}): {path}")
-
-        def log_mask_picture() -> None:
-            picture = render_masks(engines.mae.module, cmm_module, val_images, cfg.model.norm_pix_loss)
-            tracker.log_image(picture, f"masks/epoch_{epoch:05d}.png")
-
-        if epoch >= cfg.train.epochs:
+        run, state = set_up(cfg, env)
+        if state.epoch >= cfg.train.epochs:
             dist.log(f"nothing to do: the run already finished its {cfg.train.epochs} epochs")
-            tracker.finish()
+            run.tracker.finish()
             return 0
-
-        # ---- the loop ---------------------------------------------------------------------------------
-        timer = _StepTimer(device)
-        window: dict[str, torch.Tensor] = {}
-        window_steps, window_start = 0, time.perf_counter()
-        while epoch < cfg.train.epochs:
-            if val_images is not None and step_in_epoch == 0 and epoch % cfg.tracking.mask_images_every_epochs == 0:
-                log_mask_picture()
-            batches = loader.iterate_epoch(epoch, skip_batches=step_in_epoch * accum)
-            steps_left = range(step_in_epoch, steps_per_epoch)
-            for _ in dist.progress(steps_left, total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch}"):
-                lam = curriculum_factor(
-                    epoch,
-                    cfg.train.epochs,
-                    step_in_epoch / steps_per_epoch,
-                    schedule=cfg.curriculum.schedule,
-                    smooth=cfg.curriculum.smooth,
-                )
-                # Copied when accumulating: a CPU batch is a view into FFCV's ring buffers, which the
-                # prefetcher refills while the first micro-batches wait for the last to be drawn.
-                micro_batches = [next(batches)[0].to(engines.dtype, copy=accum > 1) for _ in range(accum)]
-                poison = env.rank == env.world_size - 1 and faults.armed("nan_loss", global_step + 1)
-                metrics = optimizer_step(engines, micro_batches, lam, cfg, timer, poison_mae_loss=poison)
-                step_in_epoch += 1
-                global_step += 1
-
-                # One collective per step: which terms are non-finite on any rank, and whether any rank
-                # was asked to stop. Both must be decided together by all ranks.
-                names = sorted(metrics)
-                values = torch.stack([metrics[n].float() for n in names])
-                status = torch.cat([(~torch.isfinite(values)).float(), torch.tensor([float(bool(_stop_signal))])])
-                tdist.all_reduce(status, op=tdist.ReduceOp.MAX)
-                bad = [n for n, flag in zip(names, status[:-1].tolist(), strict=True) if flag]
-                if bad:
-                    raise TrainingDiverged(
-                        f"non-finite loss at global step {global_step} (epoch {epoch}): {', '.join(bad)}; "
-                        f"stopping without saving, the last good checkpoint stays 'latest' in "
-                        f"{checkpoint.checkpoint_root(run_dir)}"
-                    )
-                for name, value in metrics.items():
-                    window[name] = window.get(name, 0) + value.float()
-                window_steps += 1
-
-                if global_step % cfg.train.log_every == 0 or step_in_epoch == steps_per_epoch:
-                    summed = torch.stack([window[n] for n in names]) / window_steps
-                    tdist.all_reduce(summed)
-                    report = dict(zip(names, (summed / env.world_size).tolist(), strict=True))
-                    elapsed = time.perf_counter() - window_start
-                    mae_seconds, cmm_seconds = timer.read()
-                    images_done = window_steps * engines.global_batch
-                    report["perf/images_per_s"] = images_done / elapsed
-                    report["perf/mae_tflops"] = flops["mae"] * images_done / env.world_size / mae_seconds / 1e12
-                    if cfg.train.peak_tflops:
-                        report["perf/mae_mfu"] = report["perf/mae_tflops"] / cfg.train.peak_tflops
-                    if engines.cmm is not None:
-                        report["perf/cmm_step_share"] = cmm_seconds / (mae_seconds + cmm_seconds)
-                    report.update(engines.lrs())
-                    report.update(_grad_norms(engines))
-                    report["progress/epoch"] = epoch + step_in_epoch / steps_per_epoch
-                    tracker.log_metrics(report, step=global_step)
-                    dist.log(_format_report(global_step, epoch, report))
-                    window, window_steps, window_start = {}, 0, time.perf_counter()
-
-                epoch_done = step_in_epoch == steps_per_epoch
-                if epoch_done:
-                    epoch, step_in_epoch = epoch + 1, 0
-                finished = epoch >= cfg.train.epochs
-                stop_now = status[-1].item() > 0
-                stop_at = cfg.train.stop_at_step is not None and global_step >= cfg.train.stop_at_step
-                reasons = [
-                    ("preemption signal", stop_now),
-                    ("finished", finished),
-                    ("stop_at_step", stop_at),
-                    ("epoch end", epoch_done),
-                    ("periodic", global_step % cfg.checkpoint.every_steps == 0),
-                ]
-                reason = next((name for name, due in reasons if due), None)
-                if reason is not None:
-                    save(reason)
-                if stop_now:
-                    by = f"signal {_stop_signal[0]}" if _stop_signal else "a signal on another rank"
-                    dist.log(f"stopped by {by}; exiting with {EXIT_REQUEUE} to be requeued")
-                    tracker.finish("KILLED")
-                    return EXIT_REQUEUE
-                if stop_at:
-                    dist.log(f"reached train.stop_at_step={cfg.train.stop_at_step}")
-                    tracker.finish("KILLED")
-                    return 0
-                if epoch_done:
-                    break
-        if val_images is not None:
-            log_mask_picture()
-        dist.log(f"training finished: {cfg.train.epochs} epochs, {global_step} steps")
-        tracker.finish()
+        window = MetricsWindow(env.device)
+        watchdog.start(cfg.dist, env.rank)
+        while state.epoch < cfg.train.epochs:
+            code = train_one_epoch(run, state, window)
+            if code is not None:
+                return code
+        if run.val_images is not None:
+            log_mask_picture(run, state)
+        dist.log(f"training finished: {cfg.train.epochs} epochs, {state.global_step} steps")
+        run.tracker.finish()
         return 0
     except TrainingDiverged as err:
         dist.log(f"error: {err}")
-        if tracker is not None:
-            tracker.finish("FAILED")
+        if run is not None:
+            run.tracker.finish("FAILED")
         return 1
     finally:
+        watchdog.stop()
         dist.shutdown()
 
 
-def optimizer_step(
-    engines, micro_batches: list, lam: float, cfg, timer: _StepTimer | None = None, poison_mae_loss: bool = False
-) -> dict:
-    """One optimiser step of each engine on the same images (SPEC section 6); returns the metrics
-    ({"mae/loss", "cmm/<term>"}, detached), averaged over the micro-batches.
+def train_one_epoch(run: Setup, state: TrainState, window: MetricsWindow) -> int | None:
+    """The rest of `state.epoch`: one optimiser step of each engine per iteration (SPEC section 6), then at
+    the step boundary the NaN guard, metrics, checkpoints and stop requests. Returns an exit code when the
+    run must end now, None at the end of the epoch."""
+    from clmae import checkpoint, dist, faults
+    from clmae.step import optimizer_step
 
-    micro_batches: train.accum_steps tensors (B, 3, H, W). The MAE accumulates over all of them and steps,
-    then the CMM accumulates over the same images against the updated MAE and steps: the same order as
-    one large batch. (Interleaving the two per micro-batch would let the first CMM micro-steps see the
-    MAE from before its update and the last one after it.)
-    poison_mae_loss: make the MAE loss NaN (fault injection for the NaN guard's test, clmae/faults.py).
-    """
-    from clmae.method import cmm_step, mae_step
+    cfg, env, accum = run.cfg, run.env, run.cfg.train.accum_steps
+    every = cfg.tracking.mask_images_every_epochs
+    if run.val_images is not None and state.step_in_epoch == 0 and state.epoch % every == 0:
+        log_mask_picture(run, state)
+    batches = run.loader.iterate_epoch(state.epoch, skip_batches=state.step_in_epoch * accum)
+    steps = range(state.step_in_epoch, run.steps_per_epoch)
+    progress = dist.progress(steps, total=run.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch}")
+    for _ in progress:
+        lam = curriculum_lambda(cfg, state, run.steps_per_epoch)
+        # Copied when accumulating: a CPU batch is a view into FFCV's ring buffers, which the prefetcher
+        # refills while the first micro-batches wait for the last to be drawn.
+        micro_batches = [next(batches)[0].to(run.engines.dtype, copy=accum > 1) for _ in range(accum)]
+        poison = faults.at_step(env.rank, env.world_size, state.global_step + 1)
+        metrics = optimizer_step(run.engines, micro_batches, lam, cfg, window.timer, poison_mae_loss=poison)
+        state.step_in_epoch += 1
+        state.global_step += 1
 
-    totals: dict = {}
+        non_finite, stop = agree(metrics, stop_requested=bool(_stop_signal))
+        watchdog.step_done()  # every rank got through the step's collectives
+        if non_finite:
+            raise TrainingDiverged(
+                f"non-finite loss at global step {state.global_step} (epoch {state.epoch}): {', '.join(non_finite)}; "
+                f"stopping without saving, the last good checkpoint stays 'latest' in "
+                f"{checkpoint.checkpoint_root(run.run_dir)}"
+            )
+        window.add(metrics)
+        epoch_done = state.step_in_epoch == run.steps_per_epoch
+        if state.global_step % cfg.train.log_every == 0 or epoch_done:
+            report = window.report(run, state)
+            run.tracker.log_metrics(report, step=state.global_step)
+            dist.log(_format_report(state.global_step, state.epoch, report, run.engines.strategy))
+        if epoch_done:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
 
-    def accumulate(name, value):
-        totals[name] = totals.get(name, 0) + value.detach() / len(micro_batches)
-
-    if timer is not None:
-        timer.start()
-    for images in micro_batches:
-        # MAE step: hard top-k masks of the (frozen, no_grad) masking module.
-        mae_loss, _ = mae_step(engines.mae, engines.cmm.module if engines.cmm is not None else None, images, cfg)
-        if poison_mae_loss:
-            mae_loss = mae_loss * float("nan")
-        engines.mae.backward(mae_loss)
-        engines.mae.step()  # DeepSpeed applies the update at the last micro-batch only
-        # Log what was backpropagated, so that the NaN guard sees exactly that.
-        accumulate("mae/loss", mae_loss)
-    if timer is not None:
-        timer.mae_done()
-    if engines.cmm is not None:
-        for images in micro_batches:
-            # CMM step: soft masks through the frozen MAE's plain module (see clmae/engine.py).
-            cmm_loss, cmm_metrics = cmm_step(engines.mae.module, engines.cmm, images, lam, cfg)
-            engines.cmm.backward(cmm_loss)
-            engines.cmm.step()
-            for name, value in cmm_metrics.items():
-                accumulate(f"cmm/{name}", value)
-    if timer is not None:
-        timer.cmm_done()
-    return totals
+        reason = checkpoint_reason(cfg, state, stop, epoch_done)
+        if reason is not None:
+            save(run, state, reason)
+        if stop:
+            by = f"signal {_stop_signal[0]}" if _stop_signal else "a signal on another rank"
+            dist.log(f"stopped by {by}; exiting with {EXIT_REQUEUE} to be requeued")
+            run.tracker.finish("KILLED")
+            return EXIT_REQUEUE
+        if stop_at_reached(cfg, state):
+            dist.log(f"reached train.stop_at_step={cfg.train.stop_at_step}")
+            run.tracker.finish("KILLED")
+            return 0
+    return None
 
 
-class _StepTimer:
-    """Time spent in the MAE step and the CMM step. CUDA events on GPU (no sync until read), wall clock
-    on CPU, where every op has finished when it returns."""
+# ---- the loop's decisions ----------------------------------------------------------------------------
 
-    def __init__(self, device):
+
+def curriculum_lambda(cfg, state: TrainState, steps_per_epoch: int) -> float:
+    from clmae.curriculum import curriculum_factor
+
+    return curriculum_factor(
+        state.epoch,
+        cfg.train.epochs,
+        state.step_in_epoch / steps_per_epoch,
+        schedule=cfg.curriculum.schedule,
+        smooth=cfg.curriculum.smooth,
+    )
+
+
+def agree(metrics: dict, stop_requested: bool) -> tuple[list[str], bool]:
+    """What every rank must decide the same way after a step, in one collective: the metrics that are
+    non-finite on any rank (sorted names), and whether any rank was asked to stop."""
+    import torch
+    import torch.distributed as tdist
+
+    names = sorted(metrics)
+    values = torch.stack([metrics[n].float() for n in names])
+    stop = torch.tensor([float(stop_requested)], device=values.device)
+    status = torch.cat([(~torch.isfinite(values)).float(), stop])
+    tdist.all_reduce(status, op=tdist.ReduceOp.MAX)
+    flags = status.tolist()
+    return [n for n, flag in zip(names, flags[:-1], strict=True) if flag], flags[-1] > 0
+
+
+def stop_at_reached(cfg, state: TrainState) -> bool:
+    return cfg.train.stop_at_step is not None and state.global_step >= cfg.train.stop_at_step
+
+
+def checkpoint_reason(cfg, state: TrainState, stop: bool, epoch_done: bool) -> str | None:
+    """Why the step that just ended saves a checkpoint (the first reason that applies), or None.
+    `state` is already past the step (and into the next epoch when `epoch_done`)."""
+    reasons = (
+        ("preemption signal", stop),
+        ("finished", state.epoch >= cfg.train.epochs),
+        ("stop_at_step", stop_at_reached(cfg, state)),
+        ("epoch end", epoch_done),
+        ("periodic", state.global_step % cfg.checkpoint.every_steps == 0),
+    )
+    return next((name for name, due in reasons if due), None)
+
+
+class MetricsWindow:
+    """The metrics of the steps since the last report, summed on the device (read once per report), and the
+    time spent in each engine's steps."""
+
+    def __init__(self, device: str):
         import torch
 
-        self.cuda = device.type == "cuda"
-        self.torch = torch
-        self.pending: list = []
-        self.mae_seconds = self.cmm_seconds = 0.0
+        from clmae.step import StepTimer
 
-    def _mark(self):
-        if self.cuda:
-            event = self.torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
+        self.timer = StepTimer(torch.device(device))
+        self._reset()
 
-    def start(self) -> None:
-        self.pending.append([self._mark()])
+    def _reset(self) -> None:
+        self.sums: dict = {}
+        self.steps = 0
+        self.start = time.perf_counter()
 
-    def mae_done(self) -> None:
-        self.pending[-1].append(self._mark())
+    def add(self, metrics: dict) -> None:
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0) + value.float()
+        self.steps += 1
 
-    def cmm_done(self) -> None:
-        self.pending[-1].append(self._mark())
+    def report(self, run: Setup, state: TrainState) -> dict[str, float]:
+        """Each metric's mean over the window and the ranks (one all_reduce), then throughput, TFLOP/s,
+        MFU, learning rates, gradient norms and progress; starts a new window."""
+        import torch
+        import torch.distributed as tdist
 
-    def read(self) -> tuple[float, float]:
-        """Seconds in (MAE steps, CMM steps) since the last read."""
-        if self.cuda:
-            self.torch.cuda.synchronize()
-        for start, mae_end, cmm_end in self.pending:
-            if self.cuda:
-                self.mae_seconds += start.elapsed_time(mae_end) / 1e3
-                self.cmm_seconds += mae_end.elapsed_time(cmm_end) / 1e3
-            else:
-                self.mae_seconds += mae_end - start
-                self.cmm_seconds += cmm_end - mae_end
-        result = (max(self.mae_seconds, 1e-9), self.cmm_seconds)
-        self.pending, self.mae_seconds, self.cmm_seconds = [], 0.0, 0.0
-        return result
+        from clmae.step import grad_norms
 
-
-def _grad_norms(engines) -> dict[str, float]:
-    norms = {}
-    for name, engine in engines.as_dict().items():
-        value = engine.get_global_grad_norm()
-        if value is not None:
-            norms[f"grad_norm/{name}"] = float(value)
-    return norms
+        names = sorted(self.sums)
+        summed = torch.stack([self.sums[n] for n in names]) / self.steps
+        tdist.all_reduce(summed)
+        world, engines = run.env.world_size, run.engines
+        report = dict(zip(names, (summed / world).tolist(), strict=True))
+        elapsed = time.perf_counter() - self.start
+        mae_seconds, masking_seconds = self.timer.read()
+        images_done = self.steps * engines.global_batch
+        report["perf/images_per_s"] = images_done / elapsed
+        report["perf/mae_tflops"] = run.flops["mae"] * images_done / world / mae_seconds / 1e12
+        if run.cfg.train.peak_tflops:
+            report["perf/mae_mfu"] = report["perf/mae_tflops"] / run.cfg.train.peak_tflops
+        if engines.masking:
+            report["perf/cmm_step_share"] = masking_seconds / (mae_seconds + masking_seconds)
+        report.update(engines.lrs())
+        report.update(grad_norms(engines))
+        report["progress/epoch"] = state.epoch + state.step_in_epoch / run.steps_per_epoch
+        self._reset()
+        return report
 
 
-def _format_report(step: int, epoch: int, report: dict[str, float]) -> str:
-    parts = [f"step {step} (epoch {epoch})", f"mae {report['mae/loss']:.4f}"]
-    if "cmm/loss_cmm" in report:
-        parts.append(f"cmm {report['cmm/loss_cmm']:.4f} (lambda {report['cmm/lambda']:+.2f})")
+def save(run: Setup, state: TrainState, reason: str) -> None:
+    """A checkpoint of every engine and of `state` (collective: every rank calls it)."""
+    from clmae import checkpoint, dist
+    from clmae.curriculum import curriculum_factor
+
+    cfg = run.cfg
+    lam = curriculum_factor(min(state.epoch, cfg.train.epochs - 1), cfg.train.epochs, schedule=cfg.curriculum.schedule)
+    client = checkpoint.ClientState(
+        epoch=state.epoch,
+        step_in_epoch=state.step_in_epoch,
+        global_step=state.global_step,
+        world_size=run.env.world_size,
+        mlflow_run_id=run.tracker.run_id,
+        config=cfg.to_dict(),
+        curriculum_lambda=lam,
+    )
+    path = checkpoint.save(run.run_dir, run.engines.as_dict(), client, cfg.checkpoint.keep_last)
+    dist.log(f"checkpoint ({reason}): {path}")
+
+
+def log_mask_picture(run: Setup, state: TrainState) -> None:
+    from clmae.viz import render_masks
+
+    engines = run.engines
+    scorer = engines.strategy.scorer(engines.masking_module)
+    picture = render_masks(engines.mae.module, scorer, run.val_images, run.cfg.model.norm_pix_loss)
+    run.tracker.log_image(picture, f"masks/epoch_{state.epoch:05d}.png")
+
+
+# ---- set up: data, models, engines, resume, tracking ---------------------------------------------------
+
+
+def set_up(cfg, env) -> tuple[Setup, TrainState]:
+    """Everything before the first step, in an order that keeps the RNG streams of a resumed run identical
+    to an uninterrupted one's. Returns the setup and the state to start from (restored on resume)."""
+    import torch
+
+    from clmae import checkpoint, dist, elastic
+    from clmae.ds_engines import build_engines
+    from clmae.method import iteration_flops
+    from clmae.models import build_models
+    from clmae.weights import load_mae_weights
+
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    device = torch.device(env.device)
+    resume_from = checkpoint.resolve_resume(cfg, run_dir)
+    saved = checkpoint.read_client_state(resume_from) if resume_from else None
+    plan = None
+    if saved is not None:
+        checkpoint.check_compatible(saved, cfg, resume_from)
+        plan = elastic.prepare(saved, cfg, env.world_size, resume_from)  # another world size or global batch
+        cfg = plan.apply(cfg)  # the accumulation this world size needs; saved with the next checkpoint
+    loader, steps_per_epoch = _pretrain_loader(cfg, env, device)
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    mae, module = build_models(cfg)
+    if cfg.checkpoint.init_from and saved is None:
+        load_mae_weights(mae, cfg.checkpoint.init_from)
+        dist.log(f"MAE initialised from {cfg.checkpoint.init_from}")
+    module = module.to(device) if module is not None else None
+    resharded = plan is not None and plan.resharded
+    engines = build_engines(cfg, mae.to(device), module, steps_per_epoch, env.world_size, resharded)
+    torch.manual_seed(cfg.run.seed * 1000 + env.rank)  # per-rank stream for random masking
+
+    state, run_id = TrainState(), None
+    if saved is not None:
+        restored = checkpoint.load(
+            resume_from, engines.as_dict(), resharded=resharded, load_schedules=not plan.batch_changed
+        )
+        epoch, step_in_epoch = elastic.after_load(
+            plan, engines.as_dict(), cfg.run.seed, env.rank, restored, steps_per_epoch
+        )
+        state = TrainState(epoch, step_in_epoch, restored.global_step)
+        run_id = restored.mlflow_run_id
+        dist.log(
+            f"resumed from {resume_from} (epoch {state.epoch}, step {state.step_in_epoch} of it, "
+            f"global step {state.global_step})"
+        )
+    tracker = _start_tracking(cfg, env, run_dir, engines, steps_per_epoch, run_id)
+    if plan is not None:
+        elastic.announce(plan, saved.config["train"]["accum_steps"], state.global_step, state.epoch, tracker)
+    val_images = _mask_picture_images(cfg, device) if cfg.tracking.mask_images_every_epochs else None
+    run = Setup(cfg, env, run_dir, loader, steps_per_epoch, engines, tracker, val_images, iteration_flops(cfg))
+    return run, state
+
+
+def _pretrain_loader(cfg, env, device):
+    from clmae.config import ConfigError
+    from clmae.data import build_pretrain_loader
+
+    loader = build_pretrain_loader(cfg, env, device)
+    steps_per_epoch = loader.batches_per_epoch // cfg.train.accum_steps
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} x train.accum_steps={cfg.train.accum_steps} x {env.world_size} "
+            f"ranks needs more than the {loader.num_images} images of {cfg.data.train_path}"
+        )
+    return loader, steps_per_epoch
+
+
+def _start_tracking(cfg, env, run_dir: Path, engines, steps_per_epoch: int, run_id: str | None):
+    """The MLflow run (resumed when `run_id` is set); the config files as artifacts of a new one."""
+    from clmae import dist
+    from clmae.config import save_config
+    from clmae.tracking import Tracker, redact_uri
+
+    tracker = Tracker(cfg, run_dir, env.is_main, run_id)
+    if env.is_main:
+        config_path = save_config(cfg, run_dir / "config.yaml")
+        if run_id is None:
+            tracker.log_artifact(config_path)
+            tracker.log_artifact(_write_json(run_dir / "ds_config.json", engines.ds_config))
+    dist.log(
+        f"{cfg.model.name} ({cfg.masking.mode} masking), {env.world_size} ranks ({env.launcher}, {env.backend}), "
+        f"global batch {engines.global_batch}, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, "
+        f"run directory {run_dir.resolve()}, "
+        + (f"MLflow {redact_uri(tracker.uri)} run {tracker.run_id}" if tracker.active else "MLflow off")
+    )
+    return tracker
+
+
+def _mask_picture_images(cfg, device):
+    """The same images at every picture (the first of the validation file, on every rank: under ZeRO-3 the
+    forward is collective) so that the pictures show the masks change over training."""
+    from clmae import dist
+    from clmae.data import build_eval_loader
+
+    first_batches = build_eval_loader(cfg, dist.DistEnv.single(), device).iterate_epoch(0)
+    images = next(first_batches)[0][:8].clone()
+    first_batches.close()
+    return images
+
+
+def _format_report(step: int, epoch: int, report: dict[str, float], strategy) -> str:
+    parts = [f"step {step} (epoch {epoch})", f"mae {report['mae/loss']:.4f}", *strategy.report(report)]
     parts.append(f"lr {report['lr/mae']:.2e}")
     parts.append(f"{report['perf/images_per_s']:.1f} img/s")
     parts.append(f"{report['perf/mae_tflops']:.2f} TFLOP/s (MAE step)")
@@ -407,8 +436,9 @@ def _format_report(step: int, epoch: int, report: dict[str, float]) -> str:
 def _write_json(path: Path, data: dict) -> Path:
     import json
 
-    path.write_text(json.dumps(data, indent=2, sort_keys=True))
-    return path
+    from clmae.files import write_atomic
+
+    return write_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

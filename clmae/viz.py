@@ -14,22 +14,23 @@ side) and centre-cropped to the model's size; `--from-val N` takes the first N i
 from __future__ import annotations
 
 import argparse
-import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from clmae.files import atomic_path
+from clmae.specs import IMAGENET_MEAN, IMAGENET_STD, model_image_size
+
 HIDDEN_GREY = 0.5
 
 
 @torch.no_grad()
 def render_masks(
     mae: nn.Module,
-    cmm: nn.Module | None,
+    scorer: Callable[[Tensor], Tensor] | None,
     images: Tensor,
     norm_pix_loss: bool,
     min_cell: int = 96,
@@ -39,6 +40,7 @@ def render_masks(
     """A picture of what the masking module hides (paper figures 2-4): one column per image, rows
     original | masked (hidden patches grey) | reconstruction (visible patches pasted back) | m (white = keep).
 
+    scorer: the masking strategy's keep scores (`MaskingStrategy.scorer`: the CMM, or None for random masks).
     images: (N, 3, H, W), normalised as the loader gives them. Plain modules, not engines; every rank
     must call this under ZeRO-3 (the forward gathers parameters). Returns (rows * cell, N * cell, 3) uint8.
     """
@@ -46,7 +48,7 @@ def render_masks(
     mae.eval()
     dtype = next(mae.parameters()).dtype
     images = images.to(dtype)
-    pred, hidden, keep = mae(images, cmm)
+    pred, hidden, keep = mae(images, scorer)
     pred, hidden, keep, images = pred.float(), hidden.float(), keep.float(), images.float()
     mae.train(was_training)
 
@@ -116,22 +118,20 @@ def first_val_images(cfg, count: int) -> Tensor:
     return torch.cat(collected)[:count]
 
 
-def load_models(step_dir: Path, cfg):
-    """The MAE and (for curriculum runs) the CMM of a checkpoint, consolidated to fp32, on CPU."""
-    from clmae.checkpoint import consolidated_state_dict, load_mae_weights
-    from clmae.models import build_models
-
-    mae, cmm = build_models(cfg)
-    load_mae_weights(mae, step_dir)
-    if cmm is not None:
-        cmm.load_state_dict(consolidated_state_dict(step_dir, "cmm"), strict=True)
-    return mae, cmm
-
-
 def render_checkpoint(step_dir: Path, cfg, images: Tensor) -> np.ndarray:
-    mae, cmm = load_models(step_dir, cfg)
+    """The picture of `images` under the masks of a checkpoint: its MAE and its masking strategy's module
+    (for curriculum runs, the CMM), consolidated to fp32, on CPU."""
+    from clmae.masking import build_strategy
+    from clmae.models import build_models
+    from clmae.weights import consolidated_state_dict, load_mae_weights
+
+    strategy = build_strategy(cfg)
+    mae, module = build_models(cfg)
+    load_mae_weights(mae, step_dir)
+    if module is not None:
+        module.load_state_dict(consolidated_state_dict(step_dir, strategy.module_name), strict=True)
     torch.manual_seed(cfg.run.seed)  # plain MAE's random masks: the same in every band
-    return render_masks(mae, cmm, images, cfg.model.norm_pix_loss)
+    return render_masks(mae, strategy.scorer(module), images, cfg.model.norm_pix_loss)
 
 
 def label_band(picture: np.ndarray, text: str, height: int = 16) -> np.ndarray:
@@ -150,9 +150,8 @@ def save_png(picture: np.ndarray, path: Path, overwrite: bool) -> None:
         raise FileNotFoundError(f"--out {path}: the picture is written as PNG; name it *.png")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(picture).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(picture).save(tmp)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    from clmae.checkpoint import STEP_DIR_PATTERN, CheckpointError, checkpoint_root, is_complete, read_client_state
-    from clmae.export import checkpoint_config, resolve_step_dir
+    from clmae.checkpoint import CheckpointError, read_client_state
+    from clmae.weights import checkpoint_config, complete_step_dirs, resolve_step_dir
 
     args = build_parser().parse_args(argv)
     if (args.checkpoint is None) == (args.over_training is None):
@@ -183,10 +182,7 @@ def _main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
     if args.over_training is not None:
-        root = checkpoint_root(Path(args.over_training).expanduser())
-        steps = sorted(p for p in root.glob("step_*") if STEP_DIR_PATTERN.match(p.name) and is_complete(p))
-        if not steps:
-            raise CheckpointError(f"{args.over_training}: no complete checkpoints under {root}")
+        steps = complete_step_dirs(args.over_training)
     else:
         steps = [resolve_step_dir(args.checkpoint)]
     cfg = checkpoint_config(steps[-1])
@@ -195,9 +191,7 @@ def _main(argv: list[str] | None = None) -> int:
             raise CheckpointError(f"--from-val {args.from_val}: need at least one image")
         images = first_val_images(cfg, args.from_val)
     else:
-        from clmae.models import VIT_SPECS
-
-        images = load_image_files(args.images, cfg.model.img_size or VIT_SPECS[cfg.model.name].img_size)
+        images = load_image_files(args.images, model_image_size(cfg.model))
     bands = []
     for step_dir in steps:
         picture = render_checkpoint(step_dir, checkpoint_config(step_dir), images)

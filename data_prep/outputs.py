@@ -31,6 +31,9 @@ class WriteOptions:
     smart_threshold: int = 256 * 256 * 3  # smart: JPEG when the raw pixels take more bytes than this
     workers: int = field(default_factory=available_cpus)
     chunk_size: int = 100  # samples per task handed to a worker
+    # Zero-pad images smaller than this in a side to it, centred as torchvision's CenterCrop(pad_to) pads
+    # them, so that an evaluation centre crop of pad_to pixels equals CenterCrop(pad_to) (CUB); None: never.
+    pad_to: int | None = None
 
     def __post_init__(self) -> None:
         checks = {

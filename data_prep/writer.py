@@ -66,14 +66,14 @@ def write_files(source: SourceSet, out: Path, options: WriteOptions, overwrite: 
     for sample, result in zip(source.samples, probes, strict=True):
         if result.error is None:
             good.append(sample)
-            sizes.append(_stored_size(result.size, options.max_resolution))
+            sizes.append(_padded_size(_stored_size(result.size, options.max_resolution), options.pad_to))
         else:
             skipped.append((sample.path, result.error))
     if not good:
         report = write_skip_report(out, 0, skipped)
         raise DataPrepError(f"none of the {len(paths)} files is a readable image; reasons in {report}")
     pixel_bytes = [width * height * 3 for width, height in sizes]
-    _write_beton(_FileDataset(good), out, options, max(pixel_bytes), sum(pixel_bytes))
+    _write_beton(_FileDataset(good, options.pad_to), out, options, max(pixel_bytes), sum(pixel_bytes))
     return WriteResult(out, len(good), skipped, write_skip_report(out, len(good), skipped))
 
 
@@ -123,18 +123,33 @@ def _stored_size(size: tuple[int, int], max_resolution: int | None) -> tuple[int
 # --------------------------------------------------------------------------------------------------
 
 
+def _padded_size(size: tuple[int, int], pad_to: int | None) -> tuple[int, int]:
+    return size if pad_to is None else (max(size[0], pad_to), max(size[1], pad_to))
+
+
+def pad_centered(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) zero-padded to at least size x size with torchvision's CenterCrop offsets (the extra pixel
+    of an odd difference goes right / bottom)."""
+    height, width = image.shape[:2]
+    if height >= size and width >= size:
+        return image
+    pad_h, pad_w = max(size - height, 0), max(size - width, 0)
+    return np.pad(image, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
+
+
 class _FileDataset:
     """What FFCV's writer workers index: files that already decoded once in the check pass."""
 
-    def __init__(self, samples: list[Sample]):
-        self.samples = samples
+    def __init__(self, samples: list[Sample], pad_to: int | None = None):
+        self.samples, self.pad_to = samples, pad_to
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         path, label = self.samples[index]
-        return load_rgb(path), label
+        image = load_rgb(path)
+        return (image if self.pad_to is None else pad_centered(image, self.pad_to)), label
 
 
 class _ArrayDataset:

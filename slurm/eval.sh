@@ -8,7 +8,7 @@
 #
 # Environment (exported by sbatch):
 #   RUN_DIR      the pre-training run directory (required), or a checkpoints/step_* directory
-#   PROTOCOLS    space-separated, from: knn fewshot linprobe finetune   (default: "knn fewshot linprobe")
+#   PROTOCOLS    space-separated, from `clmae-eval --help`: knn knn_reference fewshot linprobe finetune   (default: "knn fewshot linprobe")
 #   DATA_DIR     folder with train.beton / val.beton (default: the paths in the run's config)
 #   OVERRIDES    extra section.key=value overrides for every protocol
 #   CLMAE_ROOT, PYTHON, SETUP_CMD   as in slurm/pretrain_vith.sh

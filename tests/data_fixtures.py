@@ -106,3 +106,98 @@ def make_imagenet(root: Path, kaggle: bool) -> dict[str, list[str]]:
             "n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\nn01484850 great white shark\n"
         )
     return expected
+
+
+# --------------------------------------------------------------------------------------------------
+# Small copies of the downstream datasets' on-disk layouts (clmae-prep downstream), real file formats
+# --------------------------------------------------------------------------------------------------
+
+
+def numbered_image(number: int, size: tuple[int, int] = (20, 16)) -> Image.Image:
+    """A solid image whose red channel is `number` (< 256): which file landed where can be read back."""
+    return Image.new("RGB", size, (number, 100, 200))
+
+
+def make_svhn(root: Path, counts: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """train_32x32.mat / test_32x32.mat as SVHN ships them: X (32, 32, 3, N) uint8, y (N, 1) in 1..10
+    (10 = digit 0). Returns {file: (X, y)}."""
+    from scipy.io import savemat
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    written = {}
+    for name, count in counts.items():
+        images = rng.integers(0, 256, (32, 32, 3, count), dtype=np.uint8)
+        labels = (np.arange(count) % 10 + 1).reshape(-1, 1).astype(np.uint8)  # every class, 10 included
+        savemat(root / name, {"X": images, "y": labels})
+        written[name] = (images, labels)
+    return written
+
+
+def _struct_array(rows: list[dict]) -> np.ndarray:
+    """A MATLAB struct array (1 x N) for scipy.io.savemat, as the Stanford Cars devkit's annotations."""
+    fields = list(rows[0])
+    array = np.empty(len(rows), dtype=[(name, object) for name in fields])
+    for i, row in enumerate(rows):
+        array[i] = tuple(row[name] for name in fields)
+    return array
+
+
+def make_stanford_cars(root: Path, classes: int, per_class: dict[str, int]) -> dict[str, list[tuple[str, int]]]:
+    """root/stanford_cars/ as torchvision's StanfordCars reads it; returns {split: [(fname, 0-based label)]}."""
+    from scipy.io import savemat
+
+    base = root / "stanford_cars"
+    (base / "devkit").mkdir(parents=True, exist_ok=True)
+    savemat(base / "devkit/cars_meta.mat", {"class_names": np.array([f"Car {c}" for c in range(classes)], object)})
+    expected = {}
+    for split, folder, annos in (
+        ("train", "cars_train", base / "devkit/cars_train_annos.mat"),
+        ("test", "cars_test", base / "cars_test_annos_withlabels.mat"),
+    ):
+        (base / folder).mkdir(exist_ok=True)
+        rows, number = [], 0
+        for image_class in [c for c in range(classes) for _ in range(per_class[split])][::-1]:  # not sorted
+            number += 1
+            fname = f"{number:05d}.jpg"
+            numbered_image(number).save(base / folder / fname, quality=95)
+            rows.append(
+                {"bbox_x1": 1, "bbox_y1": 1, "bbox_x2": 10, "bbox_y2": 10, "class": image_class + 1, "fname": fname}
+            )
+        savemat(annos, {"annotations": _struct_array(rows)})
+        expected[split] = [(row["fname"], row["class"] - 1) for row in rows]
+    return expected
+
+
+def make_cub(root: Path, classes: int, per_class: int, small: tuple[int, int] = (150, 200)) -> Path:
+    """root/CUB_200_2011 with images.txt, image_class_labels.txt (1-based), train_test_split.txt (every
+    other image in train), classes.txt, images/<class>/<file>. The first image is `small` (width, height),
+    smaller than the 224 crop; the others 240 x 230. Returns the CUB_200_2011 folder."""
+    cub = root / "CUB_200_2011"
+    lines = {"images.txt": [], "image_class_labels.txt": [], "train_test_split.txt": [], "classes.txt": []}
+    image_id = 0
+    for c in range(classes):
+        folder = f"{c + 1:03d}.Bird_{c}"
+        (cub / "images" / folder).mkdir(parents=True, exist_ok=True)
+        lines["classes.txt"].append(f"{c + 1} {folder}")
+        for i in range(per_class):
+            image_id += 1
+            path = f"{folder}/Bird_{c}_{i:04d}.jpg"
+            numbered_image(image_id, small if image_id == 1 else (240, 230)).save(cub / "images" / path, quality=95)
+            lines["images.txt"].append(f"{image_id} {path}")
+            lines["image_class_labels.txt"].append(f"{image_id} {c + 1}")
+            lines["train_test_split.txt"].append(f"{image_id} {image_id % 2}")
+    for name, content in lines.items():
+        (cub / name).write_text("\n".join(content) + "\n")
+    return cub
+
+
+def make_class_folders(root: Path, per_class: dict[str, int]) -> Path:
+    """root/<class>/<n>.jpg (an ImageFolder tree, as MIT Indoor's Images/ and Food-101's images/)."""
+    number = 0
+    for name, count in per_class.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            number += 1
+            numbered_image(number).save(root / name / f"{i:03d}.jpg", quality=95)
+    return root

@@ -1,12 +1,20 @@
-"""A private, single-node SLURM cluster for tests: its own munged, slurmctld and slurmd under a temp dir.
+"""A private SLURM cluster for tests: its own munged, slurmctld and one slurmd per node under a temp dir.
+
+Several nodes on one machine use SLURM's own mechanism for it (Debian's slurmd is built with
+--enable-multiple-slurmd): every node is a `NodeName=nodeI NodeHostname=<this host> NodeAddr=127.0.1.I
+Port=<its own>` line and its own `slurmd -N nodeI`, with per-node spool, pid and log files (`%n`). The node
+addresses are loopback addresses (all of 127/8 is loopback), so no traffic leaves the machine, and the
+node names resolve nowhere: whatever needs a node's address must take SLURM's NodeAddr, as on a cluster
+whose node names are not in DNS. A job step on "node2" runs in its own slurmstepd under node2's slurmd,
+so killing every process of one node is a real node loss as far as SLURM and the other ranks can tell.
 
 Nothing system-wide is read or written: the daemons get a generated slurm.conf, a fresh munge key and
 socket, free ports and their own state/spool/log paths, and every client call goes through `env`
 (which carries SLURM_CONF). Needs root (slurmd launches jobs as their owner) and the Debian packages
 slurmctld, slurmd, slurm-client and munge (`make setup` installs them).
 
-    with LocalSlurmCluster() as cluster:
-        job_id = cluster.sbatch("job.sh", "--ntasks=2", "--output=job.out")
+    with LocalSlurmCluster(nodes=2) as cluster:
+        job_id = cluster.sbatch("job.sh", "--nodes=2", "--ntasks-per-node=1", "--output=job.out")
         info = cluster.wait(job_id)
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0"
 """
@@ -126,20 +134,26 @@ def _step_daemons(conf_path: Path) -> list[int]:
 
 
 class LocalSlurmCluster:
-    """One node, one partition, one controller, all private to this instance.
+    """`nodes` nodes (node1, node2, ...), one partition, one controller, all private to this instance.
 
-    cpus: CPUs the node advertises. More than the machine has is allowed (slurmd's config_overrides)
+    cpus: CPUs each node advertises. More than the machine has is allowed (slurmd's config_overrides)
         so that a 2-task job and a few small jobs fit side by side on a 2-core CI machine.
     """
 
     PARTITION = "debug"
 
-    def __init__(self, cpus: int | None = None, start_timeout: float = 30.0) -> None:
+    def __init__(self, cpus: int | None = None, start_timeout: float = 30.0, nodes: int = 2) -> None:
+        if not 1 <= nodes <= 250:
+            raise ValueError(f"nodes={nodes}: between 1 and 250 (one loopback address each)")
         self.cpus = cpus if cpus is not None else max(8, os.cpu_count() or 1)
+        # Each node advertises most of the machine's memory: the nodes share it, and tests ask for little.
         self.real_memory_mb = int(_mem_total_mb() * 0.85)
         self.start_timeout = start_timeout
-        self.node_name = socket.gethostname().split(".")[0]
-        self.node_addr = "127.0.0.1"
+        self.host = socket.gethostname().split(".")[0]
+        self.node_names = [f"node{i}" for i in range(1, nodes + 1)]
+        self.node_addrs = [f"127.0.1.{i}" for i in range(1, nodes + 1)]
+        # The first node: where single-node jobs go first (SLURM fills nodes in config order).
+        self.node_name, self.node_addr = self.node_names[0], self.node_addrs[0]
         self.dir: Path | None = None
         self.conf_path: Path | None = None
         self.munge_socket: Path | None = None
@@ -165,7 +179,8 @@ class LocalSlurmCluster:
             self._start_munged()
             self._write_config()
             self._spawn("slurmctld", [find_binary("slurmctld"), "-D", "-i", "-c", "-f", str(self.conf_path)])
-            self._spawn("slurmd", [find_binary("slurmd"), "-D", "-f", str(self.conf_path), "-N", self.node_name])
+            for node in self.node_names:
+                self._spawn(f"slurmd-{node}", [find_binary("slurmd"), "-D", "-f", str(self.conf_path), "-N", node])
             self._wait_until_idle()
             self._up = True
         except BaseException:
@@ -260,7 +275,7 @@ class LocalSlurmCluster:
         if self.dir is None:
             return "(cluster not started)"
         parts = []
-        for name in DAEMONS:
+        for name in ("munged", "slurmctld", *(f"slurmd-{node}" for node in self.node_names)):
             # The log file also gets slurmstepd's messages; stdout has what a daemon said before it
             # opened its log (a fatal config error, say), and all of munged's output.
             log = self.dir / f"{name}.log"
@@ -330,16 +345,16 @@ class LocalSlurmCluster:
 
     def _write_config(self) -> None:
         assert self.dir is not None
-        ctld_port, slurmd_port = _free_ports(2)
-        for sub in ("state", "spool"):
-            (self.dir / sub).mkdir()
+        ctld_port, *slurmd_ports = _free_ports(1 + len(self.node_names))
+        for sub in ("state", *(f"spool/{node}" for node in self.node_names)):
+            (self.dir / sub).mkdir(parents=True)
         (self.dir / "plugstack.conf").write_text("")
         d = self.dir
         lines = [
             "ClusterName=clmae-test",
-            f"SlurmctldHost={self.node_name}({self.node_addr})",
+            f"SlurmctldHost={self.host}(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
-            f"SlurmdPort={slurmd_port}",
+            f"SlurmdPort={slurmd_ports[0]}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
@@ -347,11 +362,12 @@ class LocalSlurmCluster:
             # cred_expire=10: a requeued job runs again after ~12 s instead of ~120 s.
             f"AuthInfo=socket={self.munge_socket},cred_expire=10",
             f"StateSaveLocation={d / 'state'}",
-            f"SlurmdSpoolDir={d / 'spool'}",
+            # %n: the node name, so that the slurmd daemons of this one host keep apart.
+            f"SlurmdSpoolDir={d / 'spool' / '%n'}",
             f"SlurmctldPidFile={d / 'slurmctld.pid'}",
-            f"SlurmdPidFile={d / 'slurmd.pid'}",
+            f"SlurmdPidFile={d / 'slurmd-%n.pid'}",
             f"SlurmctldLogFile={d / 'slurmctld.log'}",
-            f"SlurmdLogFile={d / 'slurmd.log'}",
+            f"SlurmdLogFile={d / 'slurmd-%n.log'}",
             # An empty plugin stack, so the system's /etc/slurm/plugstack.conf(.d) is never read.
             f"PlugStackConfig={d / 'plugstack.conf'}",
             # pgid, not linuxproc: linuxproc leaks a job's background processes.
@@ -374,9 +390,12 @@ class LocalSlurmCluster:
             "SlurmdParameters=config_overrides",
             # Without a default, a job that asks for no memory takes the whole node and blocks the rest.
             f"DefMemPerCPU={self.real_memory_mb // self.cpus}",
-            f"NodeName={self.node_name} NodeAddr={self.node_addr} CPUs={self.cpus} "
-            f"RealMemory={self.real_memory_mb} State=UNKNOWN",
-            f"PartitionName={self.PARTITION} Nodes={self.node_name} Default=YES MaxTime=INFINITE State=UP",
+            *(
+                f"NodeName={node} NodeHostname={self.host} NodeAddr={addr} Port={port} CPUs={self.cpus} "
+                f"RealMemory={self.real_memory_mb} State=UNKNOWN"
+                for node, addr, port in zip(self.node_names, self.node_addrs, slurmd_ports, strict=True)
+            ),
+            f"PartitionName={self.PARTITION} Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINITE State=UP",
         ]
         self.conf_path.write_text("\n".join(lines) + "\n")
 
@@ -384,7 +403,7 @@ class LocalSlurmCluster:
         def node_idle() -> bool:
             try:
                 result = subprocess.run(
-                    [find_binary("sinfo"), "--noheader", "--Node", "--nodes", self.node_name, "--format=%T"],
+                    [find_binary("sinfo"), "--noheader", "--Node", "--nodes", ",".join(self.node_names), "--format=%T"],
                     env=self.env,
                     capture_output=True,
                     text=True,
@@ -392,9 +411,9 @@ class LocalSlurmCluster:
                 )
             except subprocess.TimeoutExpired:
                 return False
-            return result.returncode == 0 and result.stdout.strip() == "idle"
+            return result.returncode == 0 and result.stdout.split() == ["idle"] * len(self.node_names)
 
-        self._poll(node_idle, f"node {self.node_name} did not become idle")
+        self._poll(node_idle, f"nodes {', '.join(self.node_names)} did not become idle")
 
     def _poll(self, ready: Callable[[], bool], what: str) -> None:
         """Poll `ready()` until true; fail loudly (with log tails) on timeout or when a daemon dies."""

@@ -201,3 +201,77 @@ def test_flips_mirror_about_half_of_the_images(digits):
     mirrored = [torch.equal(a, b.flip(-1)) for a, b in zip(images, originals, strict=True)]
     assert all(s or m for s, m in zip(same, mirrored, strict=True))
     assert 0.4 < sum(m and not s for s, m in zip(same, mirrored, strict=True)) / len(same) < 0.6
+
+
+def stripes() -> np.ndarray:
+    """(12, 16, 3): columns 0-3 green (0, 160, 0), 4-11 red (200, 0, 0), 12-15 blue (0, 0, 240)."""
+    image = np.zeros((12, 16, 3), np.uint8)
+    image[:, :4], image[:, 4:12], image[:, 12:] = (0, 160, 0), (200, 0, 0), (0, 0, 240)
+    return image
+
+
+@pytest.mark.parametrize(
+    "transform, expected_columns",
+    [
+        # Resize((4, 4)) of the whole image: one green, two red, one blue column.
+        ({"mode": "resize_square", "normalize": False}, ["g", "r", "r", "b"]),
+        # Centre square of the shorter side (12 x 12: columns 2-13), resized to 4: green half a column, ...
+        ({"mode": "center_crop_resize", "crop_ratio": 1.0, "normalize": False}, [None, "r", "r", None]),
+        # CenterCrop(8) without resizing when the model's size is 8 is taken at 8 below: columns 4-11, all red.
+        ({"mode": "center_crop", "crop_pixels": 8, "normalize": True}, ["r"] * 8),
+    ],
+    ids=["resize_square", "center_crop_resize", "center_crop"],
+)
+def test_eval_loader_applies_the_datasets_recorded_transform(tmp_path, transform, expected_columns):
+    import json
+
+    path = tmp_path / "val.beton"
+    write_arrays(
+        stripes()[None], np.zeros(1, int), path, WriteOptions(max_resolution=None, write_mode="raw", workers=1)
+    )
+    (tmp_path / "dataset.json").write_text(json.dumps({"eval_transform": transform}))
+    size = len(expected_columns)
+    # The box each mode takes is what is under test: `area` resizes stripes without blending them across the
+    # box's columns (bicubic's antialiasing mixes neighbours; tests/test_bicubic.py covers that filter).
+    cfg = make_config(path, "data.interpolation=area")
+    images, _ = next(build_eval_loader(cfg, rank_env(0, 1), img_size=size).iterate_epoch(0))
+    pixels = images[0].double()
+    if transform["normalize"]:
+        mean, std = torch.tensor(IMAGENET_MEAN).double(), torch.tensor(IMAGENET_STD).double()
+        pixels = pixels * std.view(3, 1, 1) + mean.view(3, 1, 1)
+    pixels = (pixels * 255).round().permute(1, 2, 0).numpy()  # back to (H, W, 3) 0..255
+    assert pixels.shape == (size, size, 3)
+    colours = {"g": (0, 160, 0), "r": (200, 0, 0), "b": (0, 0, 240)}
+    for column, name in enumerate(expected_columns):
+        if name is not None:
+            assert np.abs(pixels[:, column] - colours[name]).max() <= 1, (column, pixels[:, column])
+    if transform["mode"] == "center_crop":
+        assert images.min() < -1.0  # ImageNet-normalised (a zero channel is -2.0 for red's mean / std)
+    else:
+        assert 0.0 <= images.min() and images.max() <= 1.0  # ToTensor only: pixels / 255
+
+
+def test_eval_loader_refuses_an_unknown_transform(tmp_path):
+    import json
+
+    from clmae.data import EvalTransformError
+
+    path = tmp_path / "val.beton"
+    write_arrays(
+        stripes()[None], np.zeros(1, int), path, WriteOptions(max_resolution=None, write_mode="raw", workers=1)
+    )
+    (tmp_path / "dataset.json").write_text(json.dumps({"eval_transform": {"mode": "five_crop"}}))
+    with pytest.raises(EvalTransformError, match=r"dataset\.json.*five_crop"):
+        build_eval_loader(make_config(path), rank_env(0, 1), img_size=4)
+
+
+def test_center_crop_box_rounds_as_torchvisions_center_crop():
+    from torchvision.transforms.functional import center_crop
+
+    from clmae.data import _center_pixels
+
+    for height in range(8, 16):
+        for width in range(8, 16):
+            image = torch.arange(height * width).view(1, height, width)
+            top, left, crop_h, crop_w = _center_pixels(height, width, None, 8)
+            assert torch.equal(image[:, top : top + crop_h, left : left + crop_w], center_crop(image, [8, 8]))

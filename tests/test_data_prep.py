@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -198,3 +200,67 @@ def test_a_dying_writer_worker_is_an_error_not_a_hang(tmp_path):
     with pytest.raises(DataPrepError, match="writer worker exited"):
         _write_beton(FailsHalfway(), out, WriteOptions(workers=2, chunk_size=2), 48, 8 * 48)
     assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
+    """An IDX file (big-endian header: magic, then each dimension), gzipped when the name ends in .gz."""
+    content = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes()
+    path.write_bytes(gzip.compress(content) if path.suffix == ".gz" else content)
+
+
+def test_fashion_mnist_subset_from_the_debian_package(tmp_path):
+    source = Path("/usr/share/datasets/fashion-mnist")
+    if not (source / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail("Fashion-MNIST is not installed: run `make setup` (installs dataset-fashion-mnist)", pytrace=False)
+    result = run_prep("fashion-mnist", tmp_path, "--subset", 1000, "--workers", 2)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(
+        r"converted 2000 images in [\d.]+ s \(\d+ images/s, 2 workers\)", result.stdout.splitlines()[-1]
+    )
+    for split, prefix, total in (("train", "train", 60000), ("val", "t10k", 10000)):
+        labels = np.frombuffer(gzip.decompress((source / f"{prefix}-labels-idx1-ubyte.gz").read_bytes())[8:], np.uint8)
+        assert len(labels) == total
+        beton = BetonFile(tmp_path / f"{split}.beton")
+        positions = np.linspace(0, total - 1, 1000).round().astype(int)
+        assert beton.labels.tolist() == labels[positions].tolist()
+        assert beton.labels[0] == 9 and sorted(np.unique(beton.labels)) == list(range(10))  # first: an ankle boot
+        image = beton.read_image(1)
+        assert image.shape == (28, 28, 3) and (image[..., 0] == image[..., 2]).all() and image.max() > 100
+    assert json.loads((tmp_path / "classes.json").read_text())["Ankle boot"]["index"] == 9
+
+
+def test_fashion_mnist_from_a_source_folder_and_its_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    source = tmp_path / "idx"
+    source.mkdir()
+    images = {
+        "train": rng.integers(0, 256, (7, 28, 28), dtype=np.uint8),
+        "t10k": rng.integers(0, 256, (3, 28, 28), np.uint8),
+    }
+    labels = {"train": np.array([3, 1, 4, 1, 5, 9, 2], np.uint8), "t10k": np.array([6, 5, 3], np.uint8)}
+    for prefix in images:  # gzipped (as Debian ships them) and plain (as after gunzip): both read
+        suffix = ".gz" if prefix == "train" else ""
+        write_idx(source / f"{prefix}-images-idx3-ubyte{suffix}", images[prefix], 0x0803)
+        write_idx(source / f"{prefix}-labels-idx1-ubyte{suffix}", labels[prefix], 0x0801)
+    assert run_main("fashion-mnist", tmp_path / "out", "--source", source, "--workers", 1) == 0
+    for split, prefix in (("train", "train"), ("val", "t10k")):
+        beton = BetonFile(tmp_path / "out" / f"{split}.beton")
+        assert beton.labels.tolist() == labels[prefix].tolist()
+        assert np.array_equal(beton.read_image(2), np.repeat(images[prefix][2][..., None], 3, axis=-1))
+
+    broken = {
+        "missing": (lambda f: f.unlink(), "dataset-fashion-mnist"),
+        "not idx": (lambda f: f.write_bytes(b"\x00\x00\x09\x99" + bytes(20)), "magic 00000803 expected"),
+        "truncated": (lambda f: f.write_bytes(f.read_bytes()[:-5]), "truncated"),
+    }
+    target = source / "t10k-images-idx3-ubyte"
+    original = target.read_bytes()
+    for case, (damage, words) in broken.items():
+        damage(target)
+        result = run_prep("fashion-mnist", tmp_path / case, "--source", source)
+        assert result.returncode == 2, (case, result.stderr)
+        assert (
+            result.stderr.startswith("error: ") and "t10k-images-idx3-ubyte" in result.stderr and words in result.stderr
+        )
+        assert not (tmp_path / case / "train.beton").exists()  # every file is read before anything is written
+        target.write_bytes(original)

@@ -131,7 +131,7 @@ def _console(run_dir: Path) -> str:
 
 
 def weights_at(run_dir: Path, step: str) -> dict[str, torch.Tensor]:
-    from clmae.checkpoint import consolidated_state_dict
+    from clmae.weights import consolidated_state_dict
 
     path = checkpoint_root(run_dir) / step
     return {f"{e}.{k}": v for e in ("mae", "cmm") for k, v in consolidated_state_dict(path, e).items()}

@@ -1,5 +1,7 @@
-"""clmae-eval: the probe recipe, few-shot subsets, both k-NN protocols on hand-computed examples, the whole
-command line on real checkpoints and digits (results, JSON, MLflow), fine-tuning on 2 ranks, and the errors."""
+"""clmae-eval: the probe recipe and its lr rules, few-shot subsets, the k-NN protocols on hand-computed examples,
+the protocol registry, the whole command line on real checkpoints and digits (results, JSON, MLflow; a
+test-only protocol registered from tests/eval_plugin.py; the augmented probe on 2 ranks), fine-tuning on 2
+ranks, and the errors."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
+from clmae.eval import PLUGINS_ENV, PluginError, protocols
 from clmae.eval.features import Features
 from clmae.eval.fewshot import FewShotError, balanced_subset, run_fewshot
 from clmae.eval.knn import cosine_weighted, evaluate_knn, l2_majority
-from clmae.eval.linprobe import accuracy, train_linear_probe
+from clmae.eval.knn_reference import majority_smallest, reference_features, reference_knn
+from clmae.eval.linprobe import LinearProbe, accuracy, peak_lr, train_linear_probe
 from clmae.evaluate import DatasetMismatchError, check_classes, parse_args, run
 from clmae.models import build_mae
 
@@ -93,10 +97,89 @@ def test_knn_l2_majority_by_hand():
     assert neighbours.tolist() == [[0, 0, 1, 1, 2], [2, 2, 2, 1, 1], [1, 1, 2, 0, 0]]
     assert predictions.tolist() == [0, 2, 1]
 
-    both = Features(cls=test, patch_mean=test, labels=torch.tensor([1, 2, 0]))
-    results = evaluate_knn(Features(cls=train, patch_mean=train, labels=train_labels), both, num_classes=3)
+    both = Features(cls=test, patch_mean=test, labels=torch.tensor([1, 2, 0]), patch_mean_prenorm=lift(test))
+    training = Features(cls=train, patch_mean=train, labels=train_labels, patch_mean_prenorm=lift(train))
+    results = evaluate_knn(training, both, num_classes=3)
     assert results["knn_l2_k5/acc1"] == pytest.approx(100 / 3)  # only 10.6 is right
     assert results["knn_l2_k5/any_of_5"] == pytest.approx(100.0)  # every label is among the 5
+    # The reference protocol on the same geometry (see the next test): 2.9's tie goes to class 0, right.
+    assert results["knn_reference/acc1"] == pytest.approx(200 / 3)
+    assert results["knn_reference/any_of_5"] == pytest.approx(100.0)
+
+
+def lift(points):
+    """(N, 1) -> (N, 4) pre-norm features whose LayerNorm (no affine) is, up to eps, cos(p / 10) a + sin(p / 10) b
+    for a 1-D point p, with a = (1, -1, 1, -1) and b = (1, 1, -1, -1): zero mean and unit variance for every p, so
+    the norm leaves them as they are, and their L2 distance 4 sin(|p - q| / 20) grows with |p - q| (for
+    |p - q| <= 10 pi): the nearest neighbours are those of the 1-D points. The scale 3 and the shift 7 are
+    what the norm removes."""
+    a = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    b = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    angle = points / 10
+    return 3.0 * (angle.cos() * a + angle.sin() * b) + 7.0
+
+
+def test_reference_feature_is_layer_norm_without_affine_of_prenorm_mean_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0, 6.0]])  # mean 3, biased variance (4 + 1 + 0 + 9) / 4 = 3.5
+    expected = torch.tensor([[-2.0, -1.0, 0.0, 3.0]]) / math.sqrt(3.5 + 1e-6)
+    torch.testing.assert_close(reference_features(x), expected)
+    torch.testing.assert_close(reference_features(10 * x - 4), reference_features(x))
+
+
+def test_reference_knn_majority_ties_go_to_the_smallest_class_by_hand():
+    train = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0], [10.0], [11.0]])
+    train_labels = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    test = torch.tensor([[0.4], [10.6], [2.9]])
+    predictions, neighbours = reference_knn(train, train_labels, test, k=5)
+    # 0.4: labels 0 0 1 1 2: 0 and 1 tie -> 0 (smallest; also the nearest's).
+    # 10.6: 2 2 2 1 1 -> 2.
+    # 2.9: 1 1 2 0 0: 1 and 0 tie -> 0, the smallest label, although the nearest member is a 1 (our
+    # post-norm variant `l2_majority` says 1 here, see test_knn_l2_majority_by_hand).
+    assert neighbours.tolist() == [[0, 0, 1, 1, 2], [2, 2, 2, 1, 1], [1, 1, 2, 0, 0]]
+    assert predictions.tolist() == [0, 2, 0]
+    # The same rule as the reference's torch.mode, on rows with ties in every position.
+    rows = torch.tensor([[2, 1, 1, 2, 0], [3, 3, 1, 1, 2], [4, 0, 4, 0, 4], [2, 2, 3, 3, 1]])
+    assert majority_smallest(rows, 5).tolist() == [1, 1, 4, 2]
+    assert torch.equal(majority_smallest(rows, 5), torch.mode(rows, dim=1).values)
+    # Through the features: the lifted 4-D pre-norm points give the same neighbours after the norm.
+    lifted = reference_knn(reference_features(lift(train)), train_labels, reference_features(lift(test)), k=5)
+    assert lifted[1].tolist() == neighbours.tolist() and lifted[0].tolist() == [0, 2, 0]
+
+
+def test_probe_lr_rules_mae_scales_by_batch_reference_is_flat():
+    assert peak_lr(0.1, 16384, "mae") == pytest.approx(6.4)
+    assert peak_lr(0.1, 256, "mae") == pytest.approx(0.1)
+    assert peak_lr(0.1, 16384, "reference") == 0.1
+    assert peak_lr(0.1, 1024, "reference") == 0.1
+    with pytest.raises(ValueError, match="lr rule 'linear'"):
+        peak_lr(0.1, 256, "linear")
+    # One step of the probe: the bias is plain momentum SGD from zero, so after the first step it is
+    # -lr * its gradient, at the peak lr (no warmup, first step of the cosine).
+    features, labels = separable_task(64)
+    initial = LinearProbe(32, 5, torch.Generator().manual_seed(3)).train()
+    torch.nn.functional.cross_entropy(initial(features), labels).backward()
+    gradient = initial[1].bias.grad
+    for rule, lr in (("mae", 0.1 * 1024 / 256), ("reference", 0.1)):
+        probe = train_linear_probe(
+            features, labels, 5, epochs=1, warmup_epochs=0, batch_size=1024, base_lr=0.1, lr_rule=rule, seed=3
+        )
+        torch.testing.assert_close(probe[1].bias.detach(), -lr * gradient)
+
+
+def test_protocol_registry_and_plugins(monkeypatch):
+    monkeypatch.delenv(PLUGINS_ENV, raising=False)
+    assert list(protocols()) == ["linprobe", "fewshot", "knn", "knn_reference", "finetune"]
+    monkeypatch.setenv(PLUGINS_ENV, "tests.eval_plugin:PROTOCOL")
+    assert list(protocols())[-1] == "centroid"
+    assert parse_args(["centroid", "run", "--metric", "cosine"]).metric == "cosine"
+    for spec, words in (
+        ("tests.no_such_module:PROTOCOL", "cannot import 'tests.no_such_module'"),
+        ("tests.eval_plugin:nearest_centroid", "is not a clmae.eval.protocol.Protocol"),
+        ("clmae.eval.knn:PROTOCOL", "defines protocol 'knn', which already exists"),
+    ):
+        monkeypatch.setenv(PLUGINS_ENV, spec)
+        with pytest.raises(PluginError, match=words):
+            protocols()
 
 
 def test_knn_weighted_cosine_by_hand():
@@ -143,9 +226,9 @@ def test_classes_must_match_between_train_and_val(digits, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def clmae_eval(*args: str) -> subprocess.CompletedProcess:
+def clmae_eval(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-m", "clmae.evaluate", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "clmae.evaluate", *args], capture_output=True, text=True, timeout=600, env=env
     )
     return result
 
@@ -192,6 +275,70 @@ def test_eval_on_digits_pretrained_beats_random_init(pretrained_runs, digits, tm
         assert mlflow_run.data.tags["clmae.pretrain_run_id"] == pretrain_run_id
         assert mlflow_run.info.run_id == pretrained[protocol]["mlflow_run_id"]
     assert by_protocol["linprobe"].data.metrics["linprobe/top1"] == pytest.approx(probe["linprobe/top1"])
+
+
+@pytest.mark.distributed
+def test_protocols_end_to_end_plugin_reference_knn_and_augmented_probe(pretrained_runs, tmp_path):
+    """Through the real clmae-eval on a real run: a test-only protocol registered from tests/eval_plugin.py,
+    the reference k-NN, and the augmented probe with the reference lr rule on 2 ranks; each result file and
+    MLflow run names its protocol and settings, and the numbers are those of the protocols' functions."""
+    from tests.eval_plugin import nearest_centroid
+
+    run_dir = pretrained_runs["zero3"]  # no other test evaluates it: its MLflow store holds only these runs
+    env = {**os.environ, PLUGINS_ENV: "tests.eval_plugin:PROTOCOL", "OMP_NUM_THREADS": "1"}
+    plugin = clmae_eval("centroid", str(run_dir), "--metric", "cosine", env=env)
+    assert plugin.returncode == 0, plugin.stderr[-3000:]
+    assert "centroid_cosine/top1" in plugin.stdout
+    reference = clmae_eval("knn_reference", str(run_dir))  # a built-in one: no plugin needed
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert reference.stdout.count("cached in") == 2  # the plugin's features, not a second forward pass
+
+    eval_dir = run_dir / "eval" / "step_000000003"
+    reports = {p: json.loads((eval_dir / f"{p}.json").read_text()) for p in ("centroid", "knn_reference")}
+    assert reports["centroid"]["protocol"] == "centroid"
+    assert reports["centroid"]["settings"] == {"metric": "cosine", "feature": "cls"}
+    assert reports["knn_reference"]["settings"]["k"] == 5
+    assert "smallest class" in reports["knn_reference"]["settings"]["vote"]
+    cached = {
+        p.name.split("-")[0]: Features(**torch.load(p, weights_only=True)) for p in (eval_dir / "features").iterdir()
+    }
+    train, val = cached["train"], cached["val"]
+    predictions = nearest_centroid(train.cls, train.labels, val.cls, 10, "cosine")
+    expected = 100.0 * (predictions == val.labels).float().mean().item()
+    assert reports["centroid"]["results"] == {"centroid_cosine/top1": pytest.approx(expected)}
+    from clmae.eval.knn_reference import evaluate_reference
+
+    assert reports["knn_reference"]["results"] == pytest.approx(evaluate_reference(train, val))
+
+    out = tmp_path / "linprobe_augmented.json"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    # A short augmented probe learns only with a large lr: the reference rule makes base_lr the peak itself
+    # (MAE's rule would give 50 x 128 / 256 = 25). On a random encoder this reaches about 30 % (chance: 10 %).
+    args = ["linprobe", str(run_dir), "--augment", "--lr-rule", "reference", "--base-lr", "50", "--batch-size", "128"]
+    probe = subprocess.run(
+        [*launch, "-m", "clmae.evaluate", *args, "--epochs", "5", "--warmup-epochs", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["protocol"] == "linprobe"
+    settings = report["settings"]
+    assert settings["lr_rule"] == "reference" and settings["peak_lr"] == 50 and settings["batch_size"] == 128
+    assert settings["train_images"] == "random_resized_crop_flip"
+    assert report["results"]["linprobe/top1"] > 20, report["results"]  # 10 classes: chance is 10 %
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.get_run(reports["centroid"]["pretrain_run_id"]).info.experiment_id
+    runs = {
+        r.data.tags["clmae.protocol"]: r for r in client.search_runs([experiment], "tags.`clmae.pretrain_run_id` != ''")
+    }
+    assert set(runs) == {"centroid", "knn_reference", "linprobe"}
+    assert runs["centroid"].data.params["eval.metric"] == "cosine"
+    assert runs["centroid"].data.metrics["centroid_cosine/top1"] == pytest.approx(expected)
+    assert runs["linprobe"].data.params["eval.lr_rule"] == "reference"
 
 
 @pytest.mark.distributed

@@ -13,11 +13,12 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from clmae.checkpoint import consolidated_state_dict, find_latest, load_mae_weights, read_client_state
+from clmae.checkpoint import find_latest, read_client_state
 from clmae.config import build_config
 from clmae.export import _main as export_main
-from clmae.export import load_encoder
-from clmae.models import build_models, timm_encoder_kwargs
+from clmae.models import build_models
+from clmae.specs import timm_encoder_kwargs
+from clmae.weights import consolidated_state_dict, load_encoder, load_mae_weights
 
 pytestmark = pytest.mark.distributed
 

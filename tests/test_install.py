@@ -93,7 +93,7 @@ def test_wheel_ships_every_config_and_imports_outside_the_source_tree(installed,
     assert str(bin_dir.parent) in where and str(REPO) not in where, where
     shipped = run(
         [bin_dir / "python", "-c",
-         "from clmae.config import available_configs; from clmae.engine import DS_CONFIG_DIR; "
+         "from clmae.config import available_configs; from clmae.ds_engines import DS_CONFIG_DIR; "
          "print(sorted(available_configs())); print(sorted(p.stem for p in DS_CONFIG_DIR.glob('*.json')))"],
         cwd=tmp_path, env=env,
     )  # fmt: skip

@@ -16,9 +16,9 @@ from clmae.models import (
     build_mae,
     build_models,
     sincos_pos_embed_2d,
-    timm_encoder_kwargs,
     topk_masking,
 )
+from clmae.specs import timm_encoder_kwargs
 
 # SPEC section 2 (CMM) and the official MAE pre-training models (encoder + 512-wide, 8-block decoder, fixed
 # position embeddings counted, as `sum(p.numel() for p in model.parameters())` does in facebookresearch/mae).

@@ -1,13 +1,17 @@
-"""The real slurm/ scripts on a real single-node SLURM cluster (2 tasks on CPU, the tiny model, digits).
+"""The real slurm/ scripts on a real two-node SLURM cluster (2 ranks on CPU, the tiny model, digits).
 
-The reference is one job that runs to the end of its epoch. An early USR1 to the batch shell, a time
-limit, and a chain of jobs without requeue must each end with bitwise the same weights, in one MLflow
-run. Each job pays about 25 s of start-up (imports, FFCV compilation, MLflow), so runs are short.
+The reference is one job on two nodes (one task each) that runs to the end of its epoch. An early USR1
+to the batch shell (with the data staged to node-local disk), a time limit, a node lost mid-step, a hung
+rank, and a chain of single-node jobs (two tasks on one node) without requeue must each end with bitwise
+the same weights, in one MLflow run. Each job pays about 25 s of start-up (imports, FFCV compilation,
+MLflow), so runs are short.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -17,13 +21,19 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from clmae.checkpoint import consolidated_state_dict, find_latest, read_client_state
+from clmae.checkpoint import find_latest, read_client_state
+from clmae.weights import consolidated_state_dict
 from tests.data_fixtures import make_imagenet
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS_PER_EPOCH = 749 // 64  # ceil(1497 digits / 2 ranks) images per rank, 64 per batch
 EPOCHS = 1
 SBATCH_FOR_CPU = ("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=6G")
+# One task ("GPU") per node on two nodes: the same 2 ranks, so the same weights, as one node with two.
+SBATCH_2_NODES = ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=6G")
+# A lost node's peers end within TASK_EXIT_WAIT (30 s, srun --wait) + SLURM's KillWait (30 s) at most;
+# on a connection that breaks (as here) at once. The bound the node-loss test holds the scripts to:
+NODE_LOSS_BOUND_S = 60
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
 
@@ -54,9 +64,9 @@ def job_env(cluster, digits: Path, output_dir: Path, run_name: str, **extra: str
     return env
 
 
-def submit(cluster, script: str, env: dict[str, str], log_dir: Path, *options: str) -> int:
+def submit(cluster, script: str, env: dict[str, str], log_dir: Path, *options: str, layout=SBATCH_2_NODES) -> int:
     return cluster.sbatch(
-        REPO / "slurm" / script, *SBATCH_FOR_CPU, f"--output={log_dir}/%x-%j.out", *options, env=env, cwd=REPO
+        REPO / "slurm" / script, *layout, f"--output={log_dir}/%x-%j.out", *options, env=env, cwd=REPO
     )
 
 
@@ -85,6 +95,36 @@ def mlflow_runs(run_dir: Path) -> list:
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
+def wait_for_restart(cluster, log_dir: Path, job_id: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while cluster.job_info(job_id)["Restarts"] == "0":
+        assert cluster.job_info(job_id)["JobState"] not in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED")
+        assert time.monotonic() < deadline, job_log(log_dir, job_id)[-3000:]
+        time.sleep(0.5)
+
+
+def rank_pids(job_id: int, node: str) -> list[int]:
+    """The training ranks (clmae.train processes) of a job on one node, found by the environment that
+    SLURM gave them (all nodes of the test cluster are this machine)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"clmae.train" not in (proc / "cmdline").read_bytes():
+                continue
+            env = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if env.get(b"SLURM_JOB_ID") == str(job_id).encode() and env.get(b"SLURMD_NODENAME") == node.encode():
+            pids.append(int(proc.name))
+    return pids
+
+
+def resumed_step(log: str) -> int:
+    match = re.search(r"resumed from .*global step (\d+)\)", log)
+    assert match, log[-3000:]
+    return int(match.group(1))
+
+
 def assert_finished_like(run_dir: Path, reference: Path) -> None:
     state = read_client_state(find_latest(run_dir))
     assert (state.epoch, state.global_step) == (EPOCHS, EPOCHS * STEPS_PER_EPOCH)
@@ -99,7 +139,7 @@ def assert_finished_like(run_dir: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def completed_run(slurm_cluster, digits, tmp_path_factory):
-    """slurm/pretrain_vith.sh, uninterrupted, to the end of its epochs."""
+    """slurm/pretrain_vith.sh on two nodes, uninterrupted, to the end of its epochs."""
     work = tmp_path_factory.mktemp("slurm_complete")
     env = job_env(slurm_cluster, digits, work, "complete")
     job = submit(slurm_cluster, "pretrain_vith.sh", env, work, "--time=20")
@@ -111,12 +151,20 @@ def test_job_runs_to_completion_with_checkpoint_and_mlflow_run(completed_run):
     run_dir, _, info, log = completed_run
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log[-3000:]
     assert "training finished" in log and "requeueing" not in log
+    # Rank 1 on node2 met rank 0 on node1 at node1's NodeAddr (the node names resolve nowhere here).
+    assert info["NodeList"] == "node[1-2]" and info["NumNodes"] == "2", info
+    assert "nodes node[1-2] (2); master node1 at 127.0.1.1" in log
+    assert "2 ranks (slurm, gloo)" in log
     assert find_latest(run_dir) is not None
     assert len(mlflow_runs(run_dir)) == 1
 
 
 def test_usr1_to_the_batch_shell_checkpoints_requeues_and_resumes(completed_run, slurm_cluster, digits, tmp_path):
-    env = job_env(slurm_cluster, digits, tmp_path, "usr1")
+    # With the data staged to node-local disk ($TMPDIR; the two test nodes share it, so the second
+    # node's verified copy replaces the first's, atomically).
+    local = tmp_path / "node-local"
+    local.mkdir()
+    env = job_env(slurm_cluster, digits, tmp_path, "usr1", STAGE_DATA="1", TMPDIR=str(local))
     job = submit(slurm_cluster, "pretrain_vitb.sh", env, tmp_path, "--time=20")
     wait_for_log(slurm_cluster, tmp_path, job, "step 2 (epoch 0)")
     slurm_cluster.scancel("--signal=USR1", "--batch", job)
@@ -125,6 +173,14 @@ def test_usr1_to_the_batch_shell_checkpoints_requeues_and_resumes(completed_run,
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
     assert "checkpoint (preemption signal)" in log and "checkpoint written; requeueing" in log
     assert "[slurm job" in log and "restart 1]" in log and "resumed from" in log
+    # Both nodes' ranks wrote their part of the checkpoint (ZeRO-2 shards the optimiser state per rank).
+    shards = {p.name for p in find_latest(tmp_path / "usr1").rglob("*optim_states.pt")}
+    assert any("rank_0" in n for n in shards) and any("rank_1" in n for n in shards), shards
+    # Staged once per node and start, checked, used, and removed at the end of each start.
+    for node in ("node1", "node2"):
+        assert log.count(f"[stage {node}] train.beton:") == 2 and log.count(f"[stage {node}] staged") == 2, log
+    assert log.count(f"data staged: reading {local}/clmae-data-{job}") == 2
+    assert list(local.glob("clmae-data-*")) == []  # (torch keeps its own caches in $TMPDIR)
     assert_finished_like(tmp_path / "usr1", completed_run[0])
 
 
@@ -132,24 +188,77 @@ def test_time_limit_checkpoints_requeues_and_resumes(completed_run, slurm_cluste
     # SLURM sends USR1 110 s before a 2-minute limit, so before the first training step (start-up takes
     # about 25 s): the tasks checkpoint after their first step, well inside the limit. Once the job has been
     # requeued (the behaviour under test), its limit is raised so that the second run can finish.
-    env = job_env(slurm_cluster, digits, tmp_path, "timelimit")
+    # Also: staging asked for, but the local disk cannot keep STAGE_RESERVE_MB (1 PiB) free: every node
+    # falls back to the shared DATA_DIR with a warning.
+    env = job_env(slurm_cluster, digits, tmp_path, "timelimit", STAGE_DATA=str(tmp_path), STAGE_RESERVE_MB=str(2**30))
     job = submit(slurm_cluster, "pretrain_vitl.sh", env, tmp_path, "--time=2", "--signal=B:USR1@110")
-    deadline = time.monotonic() + 600
-    while slurm_cluster.job_info(job)["Restarts"] == "0":
-        assert slurm_cluster.job_info(job)["JobState"] not in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED")
-        assert time.monotonic() < deadline, job_log(tmp_path, job)[-3000:]
-        time.sleep(1)
+    wait_for_restart(slurm_cluster, tmp_path, job)
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=20"], env=slurm_cluster.env, check=True)
     info = slurm_cluster.wait(job, timeout=900)
     log = job_log(tmp_path, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
     assert "signal received" in log  # usually before the first step; SLURM's limit check may be later
     assert "checkpoint written; requeueing" in log and "resumed from" in log
+    assert "[stage node1] too little space" in log and "[stage node2] too little space" in log
+    assert log.count("warning: staging failed on at least one node") == 2 and "data staged" not in log
     assert_finished_like(tmp_path / "timelimit", completed_run[0])
+
+
+def test_node_lost_mid_step_ends_the_job_quickly_and_resumes_exactly(completed_run, slurm_cluster, digits, tmp_path):
+    # Every rank of node2 gets SIGKILL during step 6 (checkpoints come every 4 steps): rank 0 on node1 must
+    # not wait for the 30-minute collective timeout. The job is requeued as a crash and resumes from step 4.
+    env = job_env(slurm_cluster, digits, tmp_path, "nodeloss")
+    job = submit(slurm_cluster, "pretrain_vith.sh", env, tmp_path, "--time=20")
+    wait_for_log(slurm_cluster, tmp_path, job, "step 5 (epoch 0)")
+    victims = rank_pids(job, "node2")
+    assert len(victims) == 1 and rank_pids(job, "node1"), (victims, rank_pids(job, "node1"))
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for_log(slurm_cluster, tmp_path, job, "training failed with exit code", timeout=NODE_LOSS_BOUND_S + 30)
+    ended_after = time.monotonic() - killed
+    assert ended_after < NODE_LOSS_BOUND_S, f"the job took {ended_after:.0f} s to end after the node loss"
+    info = slurm_cluster.wait(job, timeout=900)
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
+    assert "(crash 1 of at most 2 retries); requeueing" in log
+    assert resumed_step(log) == 4
+    assert_finished_like(tmp_path / "nodeloss", completed_run[0])
+
+
+def test_hung_rank_is_stopped_by_the_watchdog_with_every_stack_then_resumes(
+    completed_run, slurm_cluster, digits, tmp_path
+):
+    # The last rank (on node2) stops inside step 6 on the first start only (SETUP_CMD disarms the fault on
+    # the restart); rank 0 waits for it in a collective. A 40 s step timeout ends both (the tiny model's
+    # steps take well under a second; the first of a start a few seconds).
+    env = job_env(slurm_cluster, digits, tmp_path, "hang", CLMAE_FAULT="hang@6")
+    env["OVERRIDES"] += " dist.step_timeout_s=40"
+    env["SETUP_CMD"] = "[[ ${SLURM_RESTART_COUNT:-0} == 0 ]] || unset CLMAE_FAULT"
+    job = submit(slurm_cluster, "pretrain_vitb.sh", env, tmp_path, "--time=20")
+    info = slurm_cluster.wait(job, timeout=900)
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
+    stacks = {}
+    for rank in (0, 1):
+        lines = [line for line in log.splitlines() if line.startswith(f"[rank {rank}] ")]
+        quiet = re.search(
+            r"watchdog: hung .*no optimiser step completed for (\d+) s \(dist.step_timeout_s: 40 s\)", lines[0]
+        )
+        assert quiet and 40 <= int(quiet.group(1)) <= 45, lines[:1]
+        stacks[rank] = "\n".join(lines)
+        # All threads: at least the main thread and the watchdog's own.
+        assert len(re.findall(r"[Tt]hread 0x[0-9a-f]+ \(most recent call first\)", stacks[rank])) >= 2, stacks[rank]
+    assert "in hang_forever" in stacks[1] and "faults.py" in stacks[1]
+    assert "in optimizer_step" in stacks[0] and "hang_forever" not in stacks[0]
+    assert "training failed with exit code 124" in log and "the watchdog stopped it" in log
+    assert resumed_step(log) == 4
+    assert_finished_like(tmp_path / "hang", completed_run[0])
 
 
 def test_chain_jobs_resume_one_another(completed_run, slurm_cluster, digits, tmp_path):
     env = job_env(slurm_cluster, digits, tmp_path, "chain")
+    # One node with two tasks (the other tests use two nodes with one each).
     options = [*SBATCH_FOR_CPU, "--time=20", f"--output={tmp_path}/%x-%j.out"]
     chain = subprocess.run(
         [str(REPO / "slurm" / "submit_chain.sh"), "3", str(REPO / "slurm" / "pretrain_vitb.sh"), *options],

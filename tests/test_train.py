@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -22,7 +23,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from clmae.checkpoint import checkpoint_root, consolidated_state_dict, find_latest, read_client_state
+from clmae.checkpoint import checkpoint_root, find_latest, read_client_state
+from clmae.config import load_config
+from clmae.train import EXIT_REQUEUE, TrainState, checkpoint_reason
+from clmae.weights import consolidated_state_dict
 
 STEPS = 6
 pytestmark = pytest.mark.distributed
@@ -239,3 +243,20 @@ def test_resume_refuses_a_checkpoint_of_another_config(uninterrupted, tmp_path, 
     assert second.wait() == [2, 2]
     assert "model.mask_ratio: checkpoint 0.75 != now 0.5" in second.output()
     assert "refusing to resume" in second.output()
+
+
+def test_requeue_exit_code_is_the_one_the_slurm_script_requeues_on():
+    """clmae.train.EXIT_REQUEUE and slurm/lib/pretrain.sh's EXIT_REQUEUE are two spellings of one contract."""
+    script = (Path(__file__).parent.parent / "slurm" / "lib" / "pretrain.sh").read_text()
+    assert re.findall(r"^EXIT_REQUEUE=(\d+)\s*$", script, flags=re.MULTILINE) == [str(EXIT_REQUEUE)]
+    assert "$EXIT_REQUEUE" in script
+
+
+def test_checkpoint_reason_names_the_first_that_applies():
+    cfg = load_config("tiny_digits", ["train.epochs=2", "checkpoint.every_steps=4", "train.stop_at_step=9"])
+    assert checkpoint_reason(cfg, TrainState(0, 3, 3), stop=False, epoch_done=False) is None
+    assert checkpoint_reason(cfg, TrainState(0, 4, 4), stop=False, epoch_done=False) == "periodic"
+    assert checkpoint_reason(cfg, TrainState(1, 0, 4), stop=False, epoch_done=True) == "epoch end"
+    assert checkpoint_reason(cfg, TrainState(1, 3, 9), stop=False, epoch_done=False) == "stop_at_step"
+    assert checkpoint_reason(cfg, TrainState(2, 0, 8), stop=False, epoch_done=True) == "finished"
+    assert checkpoint_reason(cfg, TrainState(2, 0, 8), stop=True, epoch_done=True) == "preemption signal"

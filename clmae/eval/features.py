@@ -1,10 +1,11 @@
 """The frozen encoder's features over a .beton, computed once per (encoder, data file) and cached on disk.
 
-Per image, after the encoder's final norm: the CLS token (the linear probe's and the cosine k-NN's input,
-as in MAE and DINO) and the mean of the patch tokens (the reference k-NN's input). Images come from the
-evaluation loader: centre crop of `data.eval_crop_ratio` of the shorter side resized to the model's size, no
-augmentation, every image once. Every rank encodes its contiguous share and the shares are gathered in rank
-order, which is file order, so row i is sample i of the file on every rank.
+Per image: after the encoder's final norm, the CLS token (the linear probe's and the cosine k-NN's input,
+as in MAE and DINO) and the mean of the patch tokens (our L2 k-NN variant's input); and the mean of the
+patch tokens BEFORE the final norm (the reference k-NN's input: its `global_pool` model drops that norm).
+Images come from the evaluation loader: centre crop of `data.eval_crop_ratio` of the shorter side resized to
+the model's size, no augmentation, every image once. Every rank encodes its contiguous share and the shares
+are gathered in rank order, which is file order, so row i is sample i of the file on every rank.
 
 Few-shot's 15 probes and both k-NN protocols then cost one forward pass over each file: the cache key is the
 encoder's identity (checkpoint path and the mtime of its COMPLETE marker, or the weights file's path, size
@@ -27,29 +28,43 @@ from clmae import dist
 from clmae.config import Config
 from clmae.dist import DistEnv
 
-CACHE_FORMAT = 1  # bump when what a cache file holds changes
+CACHE_FORMAT = 2  # bump when what a cache file holds changes
 
 
 @dataclass
 class Features:
     cls: Tensor  # (N, D) CLS token
-    patch_mean: Tensor  # (N, D) mean of the L patch tokens
+    patch_mean: Tensor  # (N, D) mean of the L patch tokens (after the final norm)
     labels: Tensor  # (N,) int64
+    patch_mean_prenorm: Tensor  # (N, D) mean of the L patch tokens before the final norm
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
     def to(self, device: torch.device | str) -> Features:
-        return Features(self.cls.to(device), self.patch_mean.to(device), self.labels.to(device))
+        return Features(**{name: t.to(device) for name, t in self.to_dict().items()})
 
     def to_dict(self) -> dict[str, Tensor]:
-        return {"cls": self.cls, "patch_mean": self.patch_mean, "labels": self.labels}
+        return {
+            "cls": self.cls,
+            "patch_mean": self.patch_mean,
+            "labels": self.labels,
+            "patch_mean_prenorm": self.patch_mean_prenorm,
+        }
 
 
-def encode(encoder: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
-    """images: (B, 3, H, W) -> (CLS (B, D), mean patch token (B, D)), from a timm VisionTransformer."""
-    tokens = encoder.forward_features(images)  # (B, prefix + L, D), after the final norm
-    return tokens[:, 0], tokens[:, encoder.num_prefix_tokens :].mean(dim=1)
+def encode(encoder: nn.Module, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """images: (B, 3, H, W) -> (CLS (B, D), mean patch token (B, D), mean patch token before the final norm
+    (B, D)), from a timm VisionTransformer."""
+    prenorm = []
+    # The final norm's input is the last block's output: one forward gives both.
+    hook = encoder.norm.register_forward_hook(lambda module, inputs, output: prenorm.append(inputs[0]))
+    try:
+        tokens = encoder.forward_features(images)  # (B, prefix + L, D), after the final norm
+    finally:
+        hook.remove()
+    start = encoder.num_prefix_tokens
+    return tokens[:, 0], tokens[:, start:].mean(dim=1), prenorm[0][:, start:].mean(dim=1)
 
 
 def gather_rows(local: Tensor) -> Tensor:
@@ -71,14 +86,15 @@ def gather_rows(local: Tensor) -> Tensor:
 def extract_features(encoder: nn.Module, loader, device: torch.device, desc: str) -> Features:
     """Encode every image of `loader` (this rank's share of an evaluation loader), gathered over ranks."""
     encoder.eval()
-    cls_parts, mean_parts, label_parts = [], [], []
+    cls_parts, mean_parts, prenorm_parts, label_parts = [], [], [], []
     # bf16 on GPU as in MAE's evaluation; features are kept in fp32.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for images, labels in dist.progress(loader.iterate_epoch(0), total=len(loader), desc=desc):
         with autocast:
-            cls, patch_mean = encode(encoder, images)
+            cls, patch_mean, patch_mean_prenorm = encode(encoder, images)
         cls_parts.append(cls.float())
         mean_parts.append(patch_mean.float())
+        prenorm_parts.append(patch_mean_prenorm.float())
         # A copy: CPU batches are views into FFCV's ring of buffers, refilled a few batches later.
         label_parts.append(labels.to(device, dtype=torch.int64, copy=True))
     width = encoder.embed_dim
@@ -87,8 +103,9 @@ def extract_features(encoder: nn.Module, loader, device: torch.device, desc: str
         cls=torch.cat(cls_parts) if cls_parts else empty,
         patch_mean=torch.cat(mean_parts) if mean_parts else empty,
         labels=torch.cat(label_parts) if label_parts else torch.empty(0, dtype=torch.int64, device=device),
+        patch_mean_prenorm=torch.cat(prenorm_parts) if prenorm_parts else empty,
     )
-    return Features(*(gather_rows(t).cpu() for t in (local.cls, local.patch_mean, local.labels)))
+    return Features(**{name: gather_rows(t).cpu() for name, t in local.to_dict().items()})
 
 
 def _file_identity(path: Path) -> dict[str, object]:

@@ -29,7 +29,8 @@ from clmae import dist
 from clmae.checkpoint import CheckpointError
 from clmae.config import Config, ConfigError
 from clmae.data import IMAGENET_MEAN, IMAGENET_STD
-from clmae.engine import WarmupCosine, build_ds_config, precision_dtype
+from clmae.ds_engines import WarmupCosine, build_ds_config, precision_dtype
+from clmae.eval.protocol import EvalContext, Protocol, metric_table
 
 FINETUNE_CROP_SCALE = (0.08, 1.0)
 
@@ -164,9 +165,6 @@ def finetune(source, cfg: Config, env, num_classes: int, settings: FinetuneSetti
     """Fine-tune on `data.train_path`, evaluate on `data.val_path` each epoch; collective (every rank).
     Returns the last epoch's accuracies and the best top-1."""
     import deepspeed
-    from timm.data import Mixup
-    from timm.data.random_erasing import RandomErasing
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     from clmae.data import build_eval_loader, build_pretrain_loader
 
@@ -197,24 +195,7 @@ def finetune(source, cfg: Config, env, num_classes: int, settings: FinetuneSetti
     )
     dtype = precision_dtype(ds_config)
 
-    # Per-rank augmentation streams (timm's RandAugment and Mixup draw from Python's and numpy's RNGs).
-    seed = cfg.run.seed * 1000 + env.rank
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    randaug = RandAugmentBatch(settings.randaug, source.img_size) if settings.randaug else None
-    erasing = RandomErasing(settings.reprob, mode="pixel", device=str(device)) if settings.reprob > 0 else None
-    mixup = (
-        Mixup(
-            mixup_alpha=settings.mixup,
-            cutmix_alpha=settings.cutmix,
-            label_smoothing=settings.smoothing,
-            num_classes=num_classes,
-        )
-        if mixing
-        else None
-    )
-    criterion = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(settings.smoothing)
+    randaug, erasing, mixup, criterion = _augmentations(settings, source.img_size, num_classes, cfg, env)
     dist.log(
         f"fine-tuning {source.model_name} on {cfg.data.train_path}: {env.world_size} ranks, global batch "
         f"{global_batch}, lr {peak:.2e}, layer decay {settings.layer_decay}, drop path {settings.drop_path}, "
@@ -258,3 +239,71 @@ def finetune(source, cfg: Config, env, num_classes: int, settings: FinetuneSetti
             step=epoch + 1,
         )
     return {f"finetune/{k}": v for k, v in last.items()} | {"finetune/best_top1": best}
+
+
+def _augmentations(settings: FinetuneSettings, img_size: int, num_classes: int, cfg: Config, env):
+    """(RandAugment, random erasing, Mixup/CutMix, criterion) of MAE's fine-tuning recipe; None where off."""
+    from timm.data import Mixup
+    from timm.data.random_erasing import RandomErasing
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    mixing = settings.mixup > 0 or settings.cutmix > 0
+    # Per-rank augmentation streams (timm's RandAugment and Mixup draw from Python's and numpy's RNGs).
+    seed = cfg.run.seed * 1000 + env.rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    randaug = RandAugmentBatch(settings.randaug, img_size) if settings.randaug else None
+    erasing = RandomErasing(settings.reprob, mode="pixel", device=env.device) if settings.reprob > 0 else None
+    mixup = (
+        Mixup(
+            mixup_alpha=settings.mixup,
+            cutmix_alpha=settings.cutmix,
+            label_smoothing=settings.smoothing,
+            num_classes=num_classes,
+        )
+        if mixing
+        else None
+    )
+    criterion = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(settings.smoothing)
+    return randaug, erasing, mixup, criterion
+
+
+# --------------------------------------------------------------------------------------------------
+# The protocol (clmae-eval finetune)
+# --------------------------------------------------------------------------------------------------
+
+
+def _add_arguments(parser) -> None:
+    parser.add_argument("--epochs", type=int, default=None, help="default: 100 (B), 50 (L, H), 2 (vit_tiny)")
+    parser.add_argument("--warmup-epochs", type=float, default=None)
+    parser.add_argument("--base-lr", type=float, default=None, help="lr = base_lr * global batch / 256")
+    parser.add_argument("--layer-decay", type=float, default=None, help="0.65 (B), 0.75 (L, H)")
+    parser.add_argument("--drop-path", type=float, default=None, help="0.1 (B), 0.2 (L), 0.3 (H)")
+    parser.add_argument("--mixup", type=float, default=None, help="mixup alpha (0.8)")
+    parser.add_argument("--cutmix", type=float, default=None, help="cutmix alpha (1.0)")
+    parser.add_argument("--smoothing", type=float, default=None, help="label smoothing (0.1)")
+    parser.add_argument("--randaug", default=None, help="timm RandAugment policy (rand-m9-mstd0.5-inc1); '' = off")
+    parser.add_argument("--reprob", type=float, default=None, help="random erasing probability (0.25)")
+
+
+def _settings(args, source) -> dict:
+    """The model's defaults (FinetuneSettings.for_model), overridden by the options given."""
+    from dataclasses import asdict
+
+    settings = asdict(FinetuneSettings.for_model(source.model_name))
+    return settings | {k: v for k, v in vars(args).items() if k in settings and v is not None}
+
+
+def _run(ctx: EvalContext) -> dict[str, float]:
+    return finetune(ctx.source, ctx.cfg, ctx.env, ctx.num_classes, FinetuneSettings(**ctx.settings), ctx.tracker)
+
+
+PROTOCOL = Protocol(
+    name="finetune",
+    help="MAE fine-tuning recipe on DeepSpeed (layer decay, drop path, mixup/cutmix, RandAug, erasing)",
+    add_arguments=_add_arguments,
+    settings=_settings,
+    run=_run,
+    format_table=metric_table,
+)

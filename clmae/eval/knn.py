@@ -1,8 +1,11 @@
-"""k-nearest-neighbour classification of frozen features, by both protocols in use (SPEC section 8).
+"""k-nearest-neighbour classification of frozen features (SPEC section 8): the `knn` protocol reports
 
-- `l2_majority` (the CL-MAE reference's): mean-pooled patch features, Euclidean distance, the k = 5
-  nearest training images vote, one vote each. Reported as "Acc@1" (the vote is right) and "any of 5" (the
-  label is among the 5 neighbours'). A tied vote goes to the tied class whose member is nearest.
+- `knn_reference/*`: the CL-MAE reference's protocol, exactly (clmae/eval/knn_reference.py, also its own
+  `knn_reference` protocol): LayerNorm of the pre-norm mean patch token, L2, k = 5, ties to the smallest class.
+- `knn_l2_k5/*` (`l2_majority`, this project's earlier variant of it, kept for comparison with earlier
+  results): the mean of the patch tokens AFTER the encoder's final norm, Euclidean distance, the k = 5
+  nearest training images vote, one vote each; a tied vote goes to the tied class whose member is nearest.
+  "acc1" (the vote is right) and "any_of_5" (the label is among the 5 neighbours').
 - `cosine_weighted` (the usual one since DINO / InstDisc): L2-normalised CLS features, cosine similarity,
   the k = 20 most similar training images vote with weight exp(similarity / T), T = 0.07. Top-1 and top-5
   of the summed votes.
@@ -16,9 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clmae.eval.knn_reference import SETTINGS as REFERENCE_SETTINGS
+from clmae.eval.knn_reference import K as REFERENCE_K
+from clmae.eval.knn_reference import evaluate_reference
 from clmae.eval.linprobe import topk_accuracy
+from clmae.eval.protocol import EvalContext, Protocol, metric_table, no_arguments
 
-REFERENCE_K = 5
 COSINE_K = 20
 COSINE_TEMPERATURE = 0.07
 CHUNK = 1024
@@ -70,14 +76,38 @@ def cosine_weighted(
 
 
 def evaluate_knn(train_features, test_features, num_classes: int) -> dict[str, float]:
-    """Both protocols on `clmae.eval.features.Features` of a training and a test set; accuracies in %."""
+    """The three k-NN protocols on `clmae.eval.features.Features` of a training and a test set; accuracies in %."""
     predictions, neighbours = l2_majority(train_features.patch_mean, train_features.labels, test_features.patch_mean)
     truth = test_features.labels
     scores = cosine_weighted(train_features.cls, train_features.labels, test_features.cls, num_classes)
     cosine = topk_accuracy(scores, truth)
-    results = {
+    results = evaluate_reference(train_features, test_features)
+    results |= {
         "knn_l2_k5/acc1": 100.0 * (predictions == truth).float().mean().item(),
         "knn_l2_k5/any_of_5": 100.0 * (neighbours == truth[:, None]).any(dim=1).float().mean().item(),
     }
     results.update({f"knn_cosine_k20/{name}": value for name, value in cosine.items()})
     return results
+
+
+def _run(ctx: EvalContext) -> dict[str, float]:
+    train, val = ctx.train_and_val_features()
+    return evaluate_knn(train, val, ctx.num_classes) if ctx.env.is_main else {}
+
+
+PROTOCOL = Protocol(
+    name="knn",
+    help="k-NN: the reference's (LayerNorm of pre-norm mean patches, L2, k=5, majority + any of 5), our post-norm "
+    "L2 k=5 variant, and weighted cosine (k=20, T=0.07)",
+    add_arguments=no_arguments,
+    settings=lambda args, source: {
+        "reference": dict(REFERENCE_SETTINGS),
+        "l2_k": REFERENCE_K,
+        "l2_feature": "mean of the patch tokens after the final norm; ties to the class with the nearest member",
+        "cosine_k": COSINE_K,
+        "cosine_temperature": COSINE_TEMPERATURE,
+        "cosine_feature": "CLS token after the final norm",
+    },
+    run=_run,
+    format_table=metric_table,
+)

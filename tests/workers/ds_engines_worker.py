@@ -1,4 +1,4 @@
-"""Run by tests/test_engine.py under `torchrun --nproc_per_node 2` (gloo, CPU).
+"""Run by tests/test_ds_engines.py under `torchrun --nproc_per_node 2` (gloo, CPU).
 
 For ZeRO stages 1, 2 and 3 it trains the tiny CL-MAE for a few iterations through the two DeepSpeed
 engines exactly as clmae/train.py does, and checks on the way that
@@ -8,7 +8,7 @@ then writes the final weights of both modules for the test to compare with a sin
 It also trains ZeRO-2 with gradient accumulation (train.accum_steps=2) through the training loop's own
 `optimizer_step`, builds every ds_configs file into a DeepSpeedConfig and runs one bf16 iteration.
 
-usage: engine_worker.py OUT_DIR ITERATIONS
+usage: ds_engines_worker.py OUT_DIR ITERATIONS
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 from clmae import dist
 from clmae.config import load_config
-from clmae.engine import DS_CONFIG_DIR, build_ds_config, build_engines
+from clmae.ds_engines import DS_CONFIG_DIR, build_ds_config, build_engines
 from clmae.method import cmm_step, mae_step
 from clmae.models import build_models
 
@@ -82,38 +82,38 @@ def train_stage(ds_config: str, iterations: int, out_dir: Path, env) -> None:
     losses = []
     for batch in global_batches(iterations):
         images = batch.chunk(env.world_size)[env.rank]
-        cmm_before = full_state(engines.cmm.module)
-        loss, _ = mae_step(engines.mae, engines.cmm.module, images, cfg)
+        cmm_before = full_state(engines.masking["cmm"].module)
+        loss, _ = mae_step(engines.mae, engines.masking["cmm"].module, images, cfg)
         engines.mae.backward(loss)
         engines.mae.step()
-        assert all(torch.equal(cmm_before[n], v) for n, v in full_state(engines.cmm.module).items()), (
+        assert all(torch.equal(cmm_before[n], v) for n, v in full_state(engines.masking["cmm"].module).items()), (
             f"{ds_config}: the MAE step changed the masking module"
         )
         mae_before = full_state(engines.mae.module)
-        cmm_loss, _ = cmm_step(engines.mae.module, engines.cmm, images, 0.5, cfg)
-        engines.cmm.backward(cmm_loss)
-        engines.cmm.step()
+        cmm_loss, _ = cmm_step(engines.mae.module, engines.masking["cmm"], images, 0.5, cfg)
+        engines.masking["cmm"].backward(cmm_loss)
+        engines.masking["cmm"].step()
         assert all(torch.equal(mae_before[n], v) for n, v in full_state(engines.mae.module).items()), (
             f"{ds_config}: the CMM step changed the MAE"
         )
         losses.append([loss.item(), cmm_loss.item()])
 
     # Each optimiser's Adam moments cover its own module's shard only (plus alignment padding).
-    for engine, own, other in ((engines.mae, mae_numel, cmm_numel), (engines.cmm, cmm_numel, mae_numel)):
+    for engine, own, other in ((engines.mae, mae_numel, cmm_numel), (engines.masking["cmm"], cmm_numel, mae_numel)):
         held = optimizer_state_numel(engine)
         assert own / env.world_size <= held <= own / env.world_size + 1024, (ds_config, held, own)
         assert held < (own + other) / env.world_size, (ds_config, held)
 
-    mae_final, cmm_final = full_state(engines.mae.module), full_state(engines.cmm.module)
-    lrs = {"mae": engines.mae.get_lr()[0], "cmm": engines.cmm.get_lr()[0]}
+    mae_final, cmm_final = full_state(engines.mae.module), full_state(engines.masking["cmm"].module)
+    lrs = {"mae": engines.mae.get_lr()[0], "cmm": engines.masking["cmm"].get_lr()[0]}
     if env.rank == 0:
         torch.save({"mae": mae_final, "cmm": cmm_final, "losses": losses, "lrs": lrs}, out_dir / f"{ds_config}.pt")
     tdist.barrier()
 
 
 def train_accumulated(accum_steps: int, iterations: int, out_dir: Path, env) -> None:
-    """ZeRO-2 with gradient accumulation, each optimiser step through clmae.train.optimizer_step."""
-    from clmae.train import optimizer_step
+    """ZeRO-2 with gradient accumulation, each optimiser step through clmae.step.optimizer_step."""
+    from clmae.step import optimizer_step
 
     cfg = config_for("zero2_fp32", accum_steps)
     torch.manual_seed(cfg.run.seed)
@@ -127,8 +127,8 @@ def train_accumulated(accum_steps: int, iterations: int, out_dir: Path, env) -> 
         rank_losses = torch.stack([metrics["mae/loss"], metrics["cmm/loss_cmm"]])
         tdist.all_reduce(rank_losses)  # the mean over ranks, as the training loop logs it
         losses.append((rank_losses / env.world_size).tolist())
-    mae_final, cmm_final = full_state(engines.mae.module), full_state(engines.cmm.module)
-    lrs = {"mae": engines.mae.get_lr()[0], "cmm": engines.cmm.get_lr()[0]}
+    mae_final, cmm_final = full_state(engines.mae.module), full_state(engines.masking["cmm"].module)
+    lrs = {"mae": engines.mae.get_lr()[0], "cmm": engines.masking["cmm"].get_lr()[0]}
     if env.rank == 0:
         out = out_dir / f"zero2_fp32_accum{accum_steps}.pt"
         torch.save({"mae": mae_final, "cmm": cmm_final, "losses": losses, "lrs": lrs}, out)
@@ -157,12 +157,12 @@ def bf16_iteration(env) -> None:
     mae, cmm = build_models(cfg)
     engines = build_engines(cfg, mae, cmm, STEPS_PER_EPOCH, env.world_size)
     images = global_batches(1)[0].chunk(env.world_size)[env.rank].to(engines.dtype)
-    loss, _ = mae_step(engines.mae, engines.cmm.module, images, cfg)
+    loss, _ = mae_step(engines.mae, engines.masking["cmm"].module, images, cfg)
     engines.mae.backward(loss)
     engines.mae.step()
-    cmm_loss, _ = cmm_step(engines.mae.module, engines.cmm, images, -0.5, cfg)
-    engines.cmm.backward(cmm_loss)
-    engines.cmm.step()
+    cmm_loss, _ = cmm_step(engines.mae.module, engines.masking["cmm"], images, -0.5, cfg)
+    engines.masking["cmm"].backward(cmm_loss)
+    engines.masking["cmm"].step()
     assert engines.dtype == torch.bfloat16 and torch.isfinite(loss) and torch.isfinite(cmm_loss)
     if env.rank == 0:
         print(f"bf16 iteration: mae {loss.item():.4f} cmm {cmm_loss.item():.4f}", flush=True)

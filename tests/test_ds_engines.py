@@ -1,6 +1,6 @@
 """Two DeepSpeed engines in alternating steps, proven against a single-process reference.
 
-One 2-rank launch (tests/workers/engine_worker.py) trains under ZeRO 1, 2 and 3; this file computes
+One 2-rank launch (tests/workers/ds_engines_worker.py) trains under ZeRO 1, 2 and 3; this file computes
 the same math in one process with plain torch (AdamW, the same LR schedule and clipping) and compares.
 "The same math" for a loss that is not a plain mean (L_rec_soft, L_KL, L_div are per-rank batch
 statistics) is the mean over ranks of each rank's loss, which is what averaging gradients computes.
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from clmae.config import ConfigError, load_config
-from clmae.engine import (
+from clmae.ds_engines import (
     DS_CONFIG_DIR,
     WarmupCosine,
     build_ds_config,
@@ -27,7 +27,7 @@ from clmae.engine import (
 )
 from clmae.method import cmm_step, mae_step
 from clmae.models import build_models
-from tests.workers.engine_worker import ACCUM_STEPS, PER_RANK_BATCH, STEPS_PER_EPOCH, config_for, global_batches
+from tests.workers.ds_engines_worker import ACCUM_STEPS, PER_RANK_BATCH, STEPS_PER_EPOCH, config_for, global_batches
 
 ITERATIONS = 4
 WORLD = 2
@@ -38,7 +38,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--n
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("engines")
-    worker = Path(__file__).parent / "workers" / "engine_worker.py"
+    worker = Path(__file__).parent / "workers" / "ds_engines_worker.py"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent.parent))
     result = subprocess.run(
         [*TORCHRUN, str(worker), str(out_dir), str(ITERATIONS)],

@@ -1,11 +1,12 @@
-"""Two DeepSpeed engines: one for the MAE, one for the curriculum masking module (SPEC section 6).
+"""The DeepSpeed engines: one for the MAE, one for the curriculum masking module (SPEC section 6), or for
+whatever module the masking strategy (clmae/masking.py) owns.
 
 Each module gets its own AdamW, LR schedule and clipping, so neither optimiser ever holds state for,
 or applies weight decay to, the other module (the reference's single optimiser with toggled
 requires_grad leaks both). Both engines share the ZeRO / precision settings of one ds_configs file.
 
 How the two steps go through the engines (what was proven equal to a single-process reference for
-ZeRO 1, 2 and 3; see tests/test_engine.py):
+ZeRO 1, 2 and 3; see tests/test_ds_engines.py):
 - MAE step: the masking module runs under no_grad through its plain module; the MAE runs through its
   engine; `mae_engine.backward` / `mae_engine.step`.
 - CMM step: every MAE parameter is frozen (`requires_grad=False`), the MAE runs through its *plain
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from clmae.config import Config, ConfigError, OptimConfig
+from clmae.masking import MaskingStrategy, build_strategy
 
 # Package data (found in a non-editable install too); `ds_configs/` at the repository root links here.
 DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
@@ -132,19 +134,23 @@ class WarmupCosine:
 @dataclass
 class Engines:
     mae: Any  # deepspeed.DeepSpeedEngine
-    cmm: Any | None  # None for plain MAE (masking.mode: random)
+    masking: dict[str, Any]  # {strategy.module_name: its engine}; empty when the strategy owns no module
+    strategy: MaskingStrategy
     dtype: torch.dtype
     global_batch: int
     ds_config: dict[str, Any]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mae": self.mae} if self.cmm is None else {"mae": self.mae, "cmm": self.cmm}
+        """Every engine by name ("mae", then the masking strategy's): checkpoint directories, LRs, norms."""
+        return {"mae": self.mae, **self.masking}
+
+    @property
+    def masking_module(self) -> nn.Module | None:
+        """The masking strategy's module, plain (not its engine), or None."""
+        return next((engine.module for engine in self.masking.values()), None)
 
     def lrs(self) -> dict[str, float]:
-        out = {"lr/mae": self.mae.get_lr()[0]}
-        if self.cmm is not None:
-            out["lr/cmm"] = self.cmm.get_lr()[0]
-        return out
+        return {f"lr/{name}": engine.get_lr()[0] for name, engine in self.as_dict().items()}
 
 
 def _initialize(
@@ -171,20 +177,25 @@ def _initialize(
 def build_engines(
     cfg: Config,
     mae: nn.Module,
-    cmm: nn.Module | None,
+    module: nn.Module | None,
     steps_per_epoch: int,
     world_size: int,
     load_universal: bool = False,
 ) -> Engines:
-    """Wrap each module in its own DeepSpeed engine. `steps_per_epoch` counts optimiser steps;
-    `load_universal`: the engines will load a re-sharded checkpoint (clmae.elastic)."""
+    """Wrap the MAE and the masking strategy's module (`build_models`' second result, None if it owns none)
+    each in its own DeepSpeed engine. `steps_per_epoch` counts optimiser steps; `load_universal`: the
+    engines will load a re-sharded checkpoint (clmae.elastic)."""
+    strategy = build_strategy(cfg)
     mae_engine, ds_config = _initialize(mae, cfg.optim, cfg, world_size, steps_per_epoch, load_universal)
-    cmm_engine = None
-    if cmm is not None:
-        cmm_engine, _ = _initialize(cmm, cfg.cmm_optim_resolved(), cfg, world_size, steps_per_epoch, load_universal)
+    masking = {}
+    if module is not None:
+        masking[strategy.module_name], _ = _initialize(
+            module, strategy.optim_config(), cfg, world_size, steps_per_epoch, load_universal
+        )
     return Engines(
         mae=mae_engine,
-        cmm=cmm_engine,
+        masking=masking,
+        strategy=strategy,
         dtype=precision_dtype(ds_config),
         global_batch=ds_config["train_batch_size"],
         ds_config=ds_config,
