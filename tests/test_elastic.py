@@ -6,13 +6,14 @@ doubles train.accum_steps, up to step 4, and that on 2 ranks again up to STEPS. 
 run side by side, one phase at a time (references, then the 1-rank and the 2-rank legs), so that CI pays
 three rounds of imports instead of nine.
 
-Tolerance. Each optimiser step sees the same micro-batches (clmae.data, "Order"), so the two runs compute
-the same sums in another order: on 2 ranks each rank's micro-batch gradient is averaged by an all-reduce,
-on 1 rank DeepSpeed adds the two micro-batches' gradients (each scaled by 1/2). fp32 addition is not
-associative, so the gradients differ by a few ulps (relative ~1e-7), and AdamW divides by sqrt(v): over
-4 steps at lr ~1e-4 the weights move by ~1e-3 and differ by far less. atol 1e-6 / rtol 1e-5 allows
-two orders of magnitude above what was measured (see test), and a single wrong micro-batch, a lost Adam
-moment or a restarted LR schedule moves weights by > 1e-4 (the last asserted below as well).
+Tolerance. Each optimiser step sees the same micro-batches (clmae.data, "Order"), so the runs compute the
+same sums, only reduced differently: on 2 ranks each rank's micro-batch gradient is averaged across ranks,
+on 1 rank DeepSpeed adds the two micro-batches' gradients, each scaled by 1/2. Measured on these runs
+(4 resumed steps, weights moving by up to 1.9e-5): ZeRO 1 and 2 end bitwise equal (halving is exact in
+fp32, a two-term sum commutative), asserted to 1e-7. ZeRO-3 reduces by reduce-scatter, which rounds
+differently; AdamW's division by sqrt(v) magnifies that for near-zero gradients: 0.7 % of the elements
+differ by more than 1e-6 and the difference is 3 % (L2) of the movement. The bounds (2 %, 5 %) sit above
+that and below what a real error gives (a wrong Adam step count: 88 %, 7.7 %).
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ from clmae.data import RECORD_SAMPLES_ENV
 from clmae.elastic import plan_resume
 from tests.test_train import Run, weights
 
-pytestmark = pytest.mark.distributed
+# Nine launches in three rounds; on a busy 2-core machine the fixture alone took 16 min (above the default 900 s).
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(2400)]
 
 STEPS = 6
 STAGES = tuple(os.environ.get("ELASTIC_STAGES", "zero1_fp32 zero2_fp32 zero3_fp32").split())
 BATCH = 16
-ATOL, RTOL = 1e-6, 1e-5
+ATOL = 1e-7
 
 
 def launch(run_dir: Path, digits: Path, stage: str, stop_at: int, ranks: int) -> Run:
@@ -111,13 +113,20 @@ def test_two_ranks_to_one_and_back_ends_where_the_uninterrupted_run_does(elastic
 
     got, want = weights(elastic), weights(reference)
     assert got.keys() == want.keys()
-    worst = max((got[k] - want[k]).abs().max().item() for k in want)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=ATOL, rtol=RTOL, msg=lambda m, n=name: f"{n}: {m}")
-    # The tolerance is far below what training moves: the weights changed by much more than it.
     start = weights_at(reference, "step_000000002")
-    moved = min((want[k] - start[k]).abs().max().item() for k in want if k.startswith("mae.blocks"))
-    assert moved > 100 * ATOL and worst < ATOL, (moved, worst)
+    diff = torch.cat([(got[k] - want[k]).flatten() for k in want])
+    moved = torch.cat([(want[k] - start[k]).flatten() for k in want])
+    if stage != "zero3_fp32":
+        # Measured bitwise: halving a gradient is exact in fp32 and a sum of two is commutative.
+        assert diff.abs().max().item() <= ATOL, diff.abs().max().item()
+    else:
+        # ZeRO-3 averages by reduce-scatter, 1 rank by local accumulation: last-bit differences, which
+        # AdamW's division by sqrt(v) magnifies for near-zero gradients (measured: 0.7 % of the elements
+        # > 1e-6, L2 3 % of what the 4 steps moved). A wrong Adam step count (DeepSpeed's ZeRO-3 universal
+        # load, fixed in clmae.elastic) gave 88 % and 7.7 %; a wrong micro-batch or lost moment more.
+        assert (diff.abs() > 1e-6).float().mean().item() < 0.02
+        assert (diff.norm() / moved.norm()).item() < 0.05
+    assert moved.abs().max().item() > 100 * ATOL  # the steps compared moved the weights
 
     # Each step's loss as the reference logged it (4 decimals on the console).
     reference_losses = logged_losses(_console(reference))
