@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import struct
+import sys
 import zipfile
 from pathlib import Path
 
@@ -74,9 +75,11 @@ def check_model_geometry(cfg: Config) -> None:
 def check_schedule(cfg: Config) -> None:
     for section, optim in (("optim", cfg.optim), ("cmm_optim", cfg.cmm_optim_resolved())):
         if optim.warmup_epochs > cfg.train.epochs:
-            raise ConfigError(
-                f"config key '{section}.warmup_epochs': {optim.warmup_epochs:g} is longer than train.epochs="
-                f"{cfg.train.epochs}: the learning rate would never reach its peak"
+            # Legal (MAE's schedule allows it, and short test runs of a long recipe do it), but rarely meant.
+            print(
+                f"warning: config key '{section}.warmup_epochs': {optim.warmup_epochs:g} is longer than "
+                f"train.epochs={cfg.train.epochs}: the learning rate never reaches its peak",
+                file=sys.stderr,
             )
         if optim.min_lr > optim.base_lr:
             raise ConfigError(
