@@ -30,11 +30,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 from clmae.cli import run_main
 from clmae.eval.protocol import DatasetMismatchError, metric_table
+from clmae.files import write_atomic
 
 # --------------------------------------------------------------------------------------------------
 # Command line
@@ -270,9 +270,7 @@ def format_table(protocol: str, results: dict[str, float]) -> str:
 
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

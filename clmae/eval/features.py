@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from clmae import dist
 from clmae.config import Config
 from clmae.dist import DistEnv
+from clmae.files import atomic_path
 
 CACHE_FORMAT = 2  # bump when what a cache file holds changes
 
@@ -171,8 +172,7 @@ def cached_features(
     features = extract_features(encoder, loader, device, desc=f"features {data_path.name}")
     if env.is_main:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(features.to_dict(), tmp)
-        os.replace(tmp, path)  # a concurrent or interrupted writer never leaves half a cache file
+        with atomic_path(path) as tmp:  # a concurrent or interrupted writer never leaves half a cache file
+            torch.save(features.to_dict(), tmp)
         dist.log(f"features of {data_path}: {len(features)} images, cached in {path}")
     return features
