@@ -107,6 +107,11 @@ def checkpoint_root(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / CHECKPOINT_SUBDIR
 
 
+def run_dir_of(step_dir: str | os.PathLike) -> Path:
+    """The run directory a step directory belongs to (the inverse of checkpoint_root / step_dir_name)."""
+    return Path(step_dir).parent.parent
+
+
 def step_dir_name(global_step: int) -> str:
     return f"step_{global_step:09d}"
 
@@ -293,7 +298,7 @@ def _agree_on_save(path: Path, error: str | None) -> None:
     if _rank() == 0:
         shutil.rmtree(path, ignore_errors=True)  # frees the space a full disk needs back
     _barrier()
-    latest = find_latest(path.parent.parent)
+    latest = find_latest(run_dir_of(path))
     kept = f"`latest` is still {latest.name}" if latest is not None else "there is no earlier checkpoint"
     raise CheckpointSaveError(f"checkpoint {path} could not be saved and was removed ({kept}): {'; '.join(errors)}")
 

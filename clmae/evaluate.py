@@ -73,7 +73,7 @@ def main() -> None:
 
     # DeepSpeed 0.19 calls a torch collective that torch 2.14 deprecates, once per step per rank.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    run_main(lambda: run(parse_args()))
+    run_main(lambda: run(parse_args()), skip_teardown=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,12 +114,9 @@ def resolve_config(source, config_name: str | None, overrides: list[str]):
     if config_name is not None:
         data = deep_merge(data, read_yaml(resolve_path(config_name)))
     cfg = build_config(apply_overrides(data, overrides))
-    from clmae.models import VIT_SPECS
-
-    img_size = cfg.model.img_size or VIT_SPECS[cfg.model.name].img_size
     check_fits_timm(
         source.state,
-        timm_encoder_kwargs(cfg.model.name, img_size),
+        timm_encoder_kwargs(cfg.model.name, cfg.model.img_size),
         where=f"{source.origin} (a {source.model_name} at {source.img_size} px) vs model.name={cfg.model.name}",
     )
     return cfg
@@ -172,14 +169,18 @@ def check_classes(train_path: str, val_path: str) -> int:
 
 
 def default_output_dir(source) -> Path:
+    from clmae.checkpoint import run_dir_of
+
     if source.step_dir is not None:
-        return source.step_dir.parent.parent / "eval" / source.step_dir.name
+        return run_dir_of(source.step_dir) / "eval" / source.step_dir.name
     return source.file.with_name(f"{source.file.stem}_eval")
 
 
 def tracking_dir(source) -> Path:
     """Where the default SQLite store is: the pre-training run's directory, or beside a weights file."""
-    return source.step_dir.parent.parent if source.step_dir is not None else source.file.parent
+    from clmae.checkpoint import run_dir_of
+
+    return run_dir_of(source.step_dir) if source.step_dir is not None else source.file.parent
 
 
 # --------------------------------------------------------------------------------------------------

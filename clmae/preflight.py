@@ -49,10 +49,10 @@ def check_pretrain(cfg: Config) -> None:
 def check_model_geometry(cfg: Config) -> None:
     """The image must tile into patches, the mask must leave at least one patch visible and hide at least
     one, and the masking module's heads must divide its width."""
-    from clmae.models import VIT_SPECS
+    from clmae.specs import VIT_SPECS, model_image_size
 
     spec = VIT_SPECS[cfg.model.name]
-    size = cfg.model.img_size or spec.img_size
+    size = model_image_size(cfg.model)
     if size % spec.patch_size:
         raise ConfigError(
             f"config key 'model.img_size': {size} is not a multiple of {cfg.model.name}'s patch size "

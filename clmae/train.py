@@ -64,7 +64,7 @@ def main() -> None:
         signal.signal(signum, _request_stop)
     # DeepSpeed 0.19 calls a torch collective that torch 2.14 deprecates, once per step per rank.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    run_main(_main)
+    run_main(_main, skip_teardown=True)
 
 
 def _main() -> int:
@@ -144,6 +144,10 @@ def train(cfg) -> int:
         if run is not None:
             run.tracker.finish("FAILED")
         return 1
+    except BaseException:
+        if run is not None:
+            run.tracker.finish("FAILED")  # the process ends without the interpreter's teardown (clmae.cli)
+        raise
     finally:
         watchdog.stop()
         if run_lock is not None:

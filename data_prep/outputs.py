@@ -67,10 +67,9 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def write_json(path: Path, content) -> Path:
-    tmp = partial_path(path)
-    tmp.write_text(json.dumps(content, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    from clmae.files import write_atomic
+
+    return write_atomic(path, json.dumps(content, indent=1) + "\n")
 
 
 def write_skip_report(out: Path, written: int, skipped: list[tuple[str, str]]) -> Path:
