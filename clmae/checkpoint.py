@@ -7,6 +7,8 @@ Layout of a run directory:
             mae/state/...        DeepSpeed files of the MAE engine (one shard per rank)
             cmm/state/...        DeepSpeed files of the masking strategy's module (clmae/masking.py), if any
             rng/rank_00000.pt    RNG states of every rank (torch, CUDA, numpy, python)
+            universal/mae/...    only once a run resumed it on another number of ranks: the engines'
+                                 states re-sharded by DeepSpeed's universal checkpoint (clmae.elastic)
             client_state.json    epoch, step, global step, curriculum, loader position, MLflow run id, config
             MANIFEST.json        every file above with its size and SHA-256, hashed by the rank that wrote it
             COMPLETE             written last (holds the manifest's own SHA-256): without it, an interrupted save
@@ -59,6 +61,7 @@ DAMAGED_PREFIX = "damaged_"
 HASH_ALGORITHM = "sha256"
 VERIFY_MODES = ("full", "size", "none")
 ENGINE_TAG = "state"
+UNIVERSAL_SUBDIR = "universal"
 STEP_DIR_PATTERN = re.compile(r"^step_(\d{9})$")
 
 # Keys a resumed run may change: where things are and how they are reported, not what is computed.
@@ -78,6 +81,7 @@ RESUME_MUTABLE_PREFIXES = (
     "train.max_rollbacks",
     "train.rollback_skip_margin",
     "train.skip_steps",  # merged with the checkpoint's own record (ClientState.skip_steps)
+    "train.accum_steps",  # re-derived for the world size by clmae.elastic.plan_resume, which keeps the global batch
     "checkpoint.",
     "tracking.",
 )
@@ -514,9 +518,10 @@ def read_client_state(path: Path) -> ClientState:
     return ClientState(**json.loads((path / "client_state.json").read_text()))
 
 
-def check_compatible(saved: ClientState, cfg: Config, world_size: int, path: Path) -> None:
+def check_compatible(saved: ClientState, cfg: Config, path: Path) -> None:
     """Refuse a checkpoint that belongs to a different model or recipe: resuming it would silently
-    train something else. Keys in RESUME_MUTABLE_PREFIXES may change."""
+    train something else. Keys in RESUME_MUTABLE_PREFIXES may change; the world size and the global
+    batch are clmae.elastic.plan_resume's to judge."""
     saved_flat = flatten(saved.config)
     current = cfg.flat()
     differing = [
@@ -530,12 +535,6 @@ def check_compatible(saved: ClientState, cfg: Config, world_size: int, path: Pat
             f"checkpoint {path} was written with a different config; refusing to resume "
             f"({'; '.join(differing)}). Start a new run (run.name=...) or set checkpoint.resume=none"
         )
-    if saved.world_size != world_size:
-        raise ConfigError(
-            f"checkpoint {path} was written by {saved.world_size} ranks, this run has {world_size}: the data "
-            "order and global batch would change, so the run would not continue exactly; launch the same "
-            "number of ranks"
-        )
 
 
 def _normalise(value: Any) -> Any:
@@ -543,18 +542,32 @@ def _normalise(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def load(path: Path, engines: dict[str, Any], load_optimizer: bool = True) -> ClientState:
-    """Restore both engines (weights, optimiser, LR schedule) and this rank's RNG state."""
+def load(
+    path: Path,
+    engines: dict[str, Any],
+    load_optimizer: bool = True,
+    resharded: bool = False,
+    load_schedules: bool = True,
+) -> ClientState:
+    """Restore both engines (weights, optimiser, LR schedule) and this rank's RNG state.
+
+    resharded: the checkpoint was written by another number of ranks; the engines (built with
+    `load_universal`) load its universal form (clmae.elastic.convert_to_universal) and the RNG states,
+    which belong to the old ranks, are left to clmae.elastic.reseed_rank_streams.
+    load_schedules: False keeps the LR schedules as built (a new global batch: clmae.elastic)."""
     for name, engine in engines.items():
+        # DeepSpeed reads the format from the engine's config when it loads, and a run resumed re-sharded
+        # may roll back (clmae.train.roll_back) to a checkpoint it wrote itself, in its native format.
+        engine._config.load_universal_checkpoint = resharded
         load_path, _ = engine.load_checkpoint(
-            str(path / name),
+            str(path / UNIVERSAL_SUBDIR / name if resharded else path / name),
             tag=ENGINE_TAG,
             load_optimizer_states=load_optimizer,
-            load_lr_scheduler_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer and load_schedules,
         )
         if load_path is None:
             raise CheckpointError(f"{path / name}: DeepSpeed found no engine state to load")
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
-    if rng_file.is_file():
+    if rng_file.is_file() and not resharded:
         restore_rng_state(torch.load(rng_file, weights_only=True))
     return read_client_state(path)

@@ -149,6 +149,8 @@ class CheckpointConfig:
     resume: str
     init_from: str | None
     verify: Literal["full", "size", "none"]
+    allow_world_size_change: bool
+    allow_global_batch_change: bool
 
 
 @dataclass

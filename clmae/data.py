@@ -19,17 +19,20 @@ On CUDA, uint8 crops are copied to the GPU (non_blocking, on FFCV's side stream)
 layout cuDNN's convolutions (the patch embedding) prefer, and normalised there by a torch op as each batch
 is handed out (FFCV's NormalizeImage needs CuPy on a GPU).
 
-Order. A rank's epoch is a pure function of (seed, epoch, rank, world size), the same permutation and
-sharding as FFCV's `distributed=True, order=RANDOM`, which delegates to PyTorch's
-`DistributedSampler(shuffle=True, seed=seed, drop_last=False)` with `set_epoch(epoch)`: `torch.randperm`
-seeded with seed + epoch, padded to a multiple of the world size by repeating its start, rank r taking
-positions r, r + world, r + 2 world, ... It is computed here rather than by FFCV because FFCV's sampler
-reads rank and world size from an initialised process group, and cannot start an epoch part-way.
+Order. An epoch is one seeded permutation of the file (`torch.randperm`, seed + epoch) cut into chunks of
+`data.batch_size` (b) ids; a chunk is one micro-batch. With W ranks and K accumulation steps (global batch
+G = b K W), optimiser step s of the epoch takes chunks s K W .. (s + 1) K W - 1, chunk c going to rank
+c mod W (so rank r's micro-batches are chunks r, r + W, r + 2W, ... in order). The last N mod G ids of the
+permutation are left out of that epoch (the next epoch's permutation differs). Every micro-batch therefore
+holds the same images whatever W and K are, as long as b and G stay: the images of step s are ids
+s G .. (s + 1) G - 1 of the permutation, which is what lets a run continue on another number of ranks
+(clmae.elastic) with each unseen image of the interrupted epoch seen exactly once.
 
 Resume: `iterate_epoch(epoch, skip_batches=k)` hands FFCV the epoch's order without its first k batches, so
 they are neither read nor decoded, and the batches that come are exactly batches k+1.. of the uninterrupted
 epoch: the same images in the same order, with the same crops and flips (`SeededRandomResizedCrop` derives
-each image's draws from its batch, so they follow the order). A resumed run sees bit-identical pixels.
+each image's draws from its chunk's ids, which do not depend on the rank or the world size). A resumed run
+sees bit-identical pixels.
 
 CPU batches are views into FFCV's ring of `batches_ahead + 2` buffers: use a batch before drawing
 `batches_ahead` (3) more, or clone it.
@@ -40,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -86,6 +90,7 @@ with _keep_torch_threads():  # importing FFCV sets torch's thread count to 1
     from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 CROP_ASPECT_RATIO = (3 / 4, 4 / 3)
+RECORD_SAMPLES_ENV = "CLMAE_RECORD_SAMPLES"  # a debug aid: see EpochLoader.iterate_epoch
 INTERPOLATIONS = ("bicubic", "area")  # data.interpolation
 
 
@@ -94,13 +99,31 @@ INTERPOLATIONS = ("bicubic", "area")  # data.interpolation
 # --------------------------------------------------------------------------------------------------
 
 
-def shuffled_shard(num_samples: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
-    """Rank `rank`'s sample ids for `epoch`, exactly as `DistributedSampler(shuffle=True, drop_last=False)`:
-    every rank gets ceil(N / world) ids; the ranks' shares are disjoint except for the padding."""
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """All sample ids of `epoch` in training order: (num_samples,)."""
     generator = torch.Generator().manual_seed(seed + epoch)
-    permutation = torch.randperm(num_samples, generator=generator).numpy()
-    padded = np.resize(permutation, math.ceil(num_samples / world_size) * world_size)  # repeats from the start
-    return padded[rank::world_size]
+    return torch.randperm(num_samples, generator=generator).numpy()
+
+
+def steps_in_epoch(num_samples: int, global_batch: int) -> int:
+    """Optimiser steps per epoch: whole global batches only."""
+    return num_samples // global_batch
+
+
+def step_sample_ids(num_samples: int, seed: int, epoch: int, global_batch: int, step: int) -> np.ndarray:
+    """The ids optimiser step `step` of `epoch` trains on, whatever the world size: (global_batch,)."""
+    return epoch_permutation(num_samples, seed, epoch)[step * global_batch : (step + 1) * global_batch]
+
+
+def rank_order(
+    num_samples: int, seed: int, epoch: int, batch_size: int, accum_steps: int, rank: int, world_size: int
+) -> np.ndarray:
+    """Rank `rank`'s sample ids for `epoch` in the order it batches them: chunks of `batch_size` ids of the
+    permutation, chunk c to rank c mod world_size (see Order above). (steps x accum_steps x batch_size,)"""
+    global_batch = batch_size * accum_steps * world_size
+    used = steps_in_epoch(num_samples, global_batch) * global_batch
+    chunks = epoch_permutation(num_samples, seed, epoch)[:used].reshape(-1, batch_size)
+    return chunks[rank::world_size].reshape(-1)
 
 
 def contiguous_shard(num_samples: int, rank: int, world_size: int) -> np.ndarray:
@@ -134,9 +157,10 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
     FFCV draws crops inside numba-compiled worker threads from numba's own per-thread generators, which
     Python cannot seed: a resumed run would see other crops than an uninterrupted one. Here each image
     seeds its thread's generator, right before its draws, from (seed, the sample ids of its whole batch,
-    its position in the batch). The batch's ids come from the epoch's planned order, a pure function of
-    (seed, epoch, rank, world size), so every crop and flip is too: the same after a resume, different in
-    every epoch (FFCV's own MixUp seeds from the batch's indices the same way).
+    its position in the batch). A batch is one chunk of the epoch's permutation, a pure function of
+    (seed, epoch, batch size) that neither the rank nor the world size changes, so every crop and flip is
+    too: the same after a resume, on any number of ranks, different in every epoch (FFCV's own MixUp
+    seeds from the batch's indices the same way).
 
     Each image is decoded (JPEG) or read in place (raw), cropped, and resized by `interpolation`:
     "bicubic" (clmae.bicubic, Pillow's antialiased bicubic) or "area" (FFCV's OpenCV INTER_AREA).
@@ -405,8 +429,9 @@ class EpochLoader:
 
     Attributes for the caller:
         num_images:        samples in the file
-        images_per_epoch:  samples this rank sees per epoch (after padding / drop_last)
-        batches_per_epoch: batches this rank yields per epoch (also `len(loader)`)
+        images_per_epoch:  samples this rank sees per epoch (whole global batches only when shuffled)
+        batches_per_epoch: batches this rank yields per epoch (also `len(loader)`); shuffled: optimiser
+                           steps per epoch x accum_steps
     """
 
     def __init__(
@@ -421,6 +446,7 @@ class EpochLoader:
         rank: int,
         world_size: int,
         shuffle: bool,
+        accum_steps: int = 1,
         mean_std: tuple = (IMAGENET_MEAN, IMAGENET_STD),
     ):
         if not 0 <= rank < world_size:
@@ -444,10 +470,11 @@ class EpochLoader:
         self.path = Path(path)
         self.batch_size = batch_size
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        self.accum_steps = accum_steps
         self.num_images = int(self._ffcv.reader.num_samples)
         if shuffle:
-            share = math.ceil(self.num_images / world_size)
-            self.batches_per_epoch = share // batch_size
+            steps = steps_in_epoch(self.num_images, batch_size * accum_steps * world_size)
+            self.batches_per_epoch = steps * accum_steps
             self.images_per_epoch = self.batches_per_epoch * batch_size
         else:
             self.images_per_epoch = len(contiguous_shard(self.num_images, rank, world_size))
@@ -460,14 +487,17 @@ class EpochLoader:
         """This rank's sample ids for `epoch` in the order they are batched: (images_per_epoch,)."""
         if not self.shuffle:
             return contiguous_shard(self.num_images, self.rank, self.world_size)
-        order = shuffled_shard(self.num_images, self.seed, epoch, self.rank, self.world_size)
-        return order[: self.images_per_epoch]
+        return rank_order(
+            self.num_images, self.seed, epoch, self.batch_size, self.accum_steps, self.rank, self.world_size
+        )
 
     def iterate_epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches k+1.. of `epoch` for k = skip_batches: `(images (B, 3, H, W) float32, labels (B,) int64)`.
 
-        The skipped batches are not read. The order depends only on (seed, epoch, rank, world size), so a
-        resumed run that passes the step it stopped at sees the rest of the epoch it was interrupted in.
+        The skipped batches are not read. The order depends only on (seed, epoch, rank, world size, batch
+        size, accumulation), so a resumed run that passes the step it stopped at sees the rest of the epoch
+        it was interrupted in. With $CLMAE_RECORD_SAMPLES set to a directory, the sample ids of every batch
+        handed out are appended there (one JSON line per batch; the tests check the image sets with it).
         """
         if not 0 <= skip_batches <= self.batches_per_epoch:
             raise ValueError(f"skip_batches={skip_batches} is outside 0..{self.batches_per_epoch} (batches per epoch)")
@@ -477,11 +507,20 @@ class EpochLoader:
         self._order.indices = remaining
         with _keep_torch_threads():
             batches = iter(self._ffcv)
+        record = os.environ.get(RECORD_SAMPLES_ENV)
         try:
-            for images, labels in batches:
+            for index, (images, labels) in enumerate(batches):
+                if record:
+                    self._record(Path(record), epoch, skip_batches + index, remaining[index * self.batch_size :])
                 yield (self._normalize(images) if self._normalize is not None else images), labels
         finally:
             batches.close()  # stops FFCV's prefetch thread when the caller leaves the epoch early
+
+    def _record(self, folder: Path, epoch: int, batch: int, ids: np.ndarray) -> None:
+        entry = {"epoch": epoch, "batch": batch, "rank": self.rank, "world_size": self.world_size}
+        entry.update(accum_steps=self.accum_steps, ids=ids[: self.batch_size].tolist())
+        with open(folder / f"samples_w{self.world_size}_r{self.rank}_{os.getpid()}.jsonl", "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -548,5 +587,6 @@ def _loader(cfg: Config, env: DistEnv, path: Path, decoder, device, shuffle: boo
         rank=env.rank,
         world_size=env.world_size,
         shuffle=shuffle,
+        accum_steps=cfg.train.accum_steps,
         **kwargs,
     )

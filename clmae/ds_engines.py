@@ -48,8 +48,9 @@ def resolve_ds_config(name_or_path: str) -> Path:
     return shipped
 
 
-def build_ds_config(cfg: Config, world_size: int, clip_grad: float) -> dict[str, Any]:
-    """The ds_configs file, with the batch geometry and clipping taken from the run config."""
+def build_ds_config(cfg: Config, world_size: int, clip_grad: float, load_universal: bool = False) -> dict[str, Any]:
+    """The ds_configs file, with the batch geometry and clipping taken from the run config.
+    load_universal: the engine will load a universal checkpoint (a resume on another world size)."""
     path = resolve_ds_config(cfg.train.ds_config)
     try:
         ds_config = json.loads(path.read_text())
@@ -66,6 +67,8 @@ def build_ds_config(cfg: Config, world_size: int, clip_grad: float) -> dict[str,
     ds_config["train_batch_size"] = cfg.data.batch_size * cfg.train.accum_steps * world_size
     ds_config["gradient_clipping"] = clip_grad
     ds_config.setdefault("steps_per_print", 10**9)
+    if load_universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     return ds_config
 
 
@@ -151,10 +154,12 @@ class Engines:
         return {f"lr/{name}": engine.get_lr()[0] for name, engine in self.as_dict().items()}
 
 
-def _initialize(module: nn.Module, opt: OptimConfig, cfg: Config, world_size: int, steps_per_epoch: int):
+def _initialize(
+    module: nn.Module, opt: OptimConfig, cfg: Config, world_size: int, steps_per_epoch: int, load_universal: bool
+):
     import deepspeed
 
-    ds_config = build_ds_config(cfg, world_size, clip_grad=opt.clip_grad)
+    ds_config = build_ds_config(cfg, world_size, clip_grad=opt.clip_grad, load_universal=load_universal)
     global_batch = ds_config["train_batch_size"]
     peak = peak_lr(opt, global_batch)
     # Fused AdamW is one kernel for all parameters on CUDA; the plain loop is what runs on CPU.
@@ -171,16 +176,22 @@ def _initialize(module: nn.Module, opt: OptimConfig, cfg: Config, world_size: in
 
 
 def build_engines(
-    cfg: Config, mae: nn.Module, module: nn.Module | None, steps_per_epoch: int, world_size: int
+    cfg: Config,
+    mae: nn.Module,
+    module: nn.Module | None,
+    steps_per_epoch: int,
+    world_size: int,
+    load_universal: bool = False,
 ) -> Engines:
     """Wrap the MAE and the masking strategy's module (`build_models`' second result, None if it owns none)
-    each in its own DeepSpeed engine. `steps_per_epoch` counts optimiser steps."""
+    each in its own DeepSpeed engine. `steps_per_epoch` counts optimiser steps; `load_universal`: the
+    engines will load a re-sharded checkpoint (clmae.elastic)."""
     strategy = build_strategy(cfg)
-    mae_engine, ds_config = _initialize(mae, cfg.optim, cfg, world_size, steps_per_epoch)
+    mae_engine, ds_config = _initialize(mae, cfg.optim, cfg, world_size, steps_per_epoch, load_universal)
     masking = {}
     if module is not None:
         masking[strategy.module_name], _ = _initialize(
-            module, strategy.optim_config(), cfg, world_size, steps_per_epoch
+            module, strategy.optim_config(), cfg, world_size, steps_per_epoch, load_universal
         )
     return Engines(
         mae=mae_engine,

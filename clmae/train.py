@@ -220,7 +220,7 @@ def roll_back(run: Setup, state: TrainState, window: MetricsWindow, non_finite: 
     train.rollback_skip_margin, as skipped; `state` is then the checkpoint's, with the longer skip list.
     Raises TrainingDiverged instead with train.on_nonfinite=stop, after train.max_rollbacks rollbacks, or
     with no checkpoint yet."""
-    from clmae import checkpoint, dist
+    from clmae import checkpoint, dist, elastic
 
     cfg, diverged = run.cfg, state.global_step
     what = f"non-finite loss at global step {diverged} (epoch {state.epoch}): {', '.join(non_finite)}"
@@ -237,7 +237,11 @@ def roll_back(run: Setup, state: TrainState, window: MetricsWindow, non_finite: 
     good = checkpoint.newest_verified(run.run_dir, cfg.checkpoint.verify, set_aside=True)
     if good is None:
         raise TrainingDiverged(f"{what}; no checkpoint to roll back to yet: stopping")
-    restored = checkpoint.load(good, run.engines.as_dict())  # weights, optimiser, LR schedule, RNG
+    # After an elastic resume the good checkpoint may be the one of the other world size resumed from.
+    plan = elastic.prepare(checkpoint.read_client_state(good), cfg, run.env.world_size, good)
+    engines = run.engines.as_dict()
+    restored = checkpoint.load(good, engines, resharded=plan.resharded)  # weights, optimiser, LR schedule, RNG
+    elastic.after_load(plan, engines, cfg.run.seed, run.env.rank, restored, run.steps_per_epoch)
     first, last = restored.global_step + 1, diverged + cfg.train.rollback_skip_margin
     record = {"step": diverged, "terms": non_finite, "from_step": restored.global_step, "skipped": [first, last]}
     state.epoch, state.step_in_epoch, state.global_step = restored.epoch, restored.step_in_epoch, restored.global_step
@@ -418,7 +422,7 @@ def set_up(cfg, env) -> tuple[Setup, TrainState]:
     to an uninterrupted one's. Returns the setup and the state to start from (restored on resume)."""
     import torch
 
-    from clmae import checkpoint, dist
+    from clmae import checkpoint, dist, elastic
     from clmae.ds_engines import build_engines
     from clmae.method import iteration_flops
     from clmae.models import build_models
@@ -428,8 +432,11 @@ def set_up(cfg, env) -> tuple[Setup, TrainState]:
     device = torch.device(env.device)
     resume_from = checkpoint.resolve_resume(cfg, run_dir)
     saved = checkpoint.read_client_state(resume_from) if resume_from else None
+    plan = None
     if saved is not None:
-        checkpoint.check_compatible(saved, cfg, env.world_size, resume_from)
+        checkpoint.check_compatible(saved, cfg, resume_from)
+        plan = elastic.prepare(saved, cfg, env.world_size, resume_from)  # another world size or global batch
+        cfg = plan.apply(cfg)  # the accumulation this world size needs; saved with the next checkpoint
     loader, steps_per_epoch = _pretrain_loader(cfg, env, device)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -438,14 +445,20 @@ def set_up(cfg, env) -> tuple[Setup, TrainState]:
         load_mae_weights(mae, cfg.checkpoint.init_from)
         dist.log(f"MAE initialised from {cfg.checkpoint.init_from}")
     module = module.to(device) if module is not None else None
-    engines = build_engines(cfg, mae.to(device), module, steps_per_epoch, env.world_size)
+    resharded = plan is not None and plan.resharded
+    engines = build_engines(cfg, mae.to(device), module, steps_per_epoch, env.world_size, resharded)
     torch.manual_seed(cfg.run.seed * 1000 + env.rank)  # per-rank stream for random masking
 
     state, run_id = TrainState(skip_steps=sorted(set(cfg.train.skip_steps))), None
     if saved is not None:
-        restored = checkpoint.load(resume_from, engines.as_dict())
+        restored = checkpoint.load(
+            resume_from, engines.as_dict(), resharded=resharded, load_schedules=not plan.batch_changed
+        )
+        epoch, step_in_epoch = elastic.after_load(
+            plan, engines.as_dict(), cfg.run.seed, env.rank, restored, steps_per_epoch
+        )
         skip = sorted(set(cfg.train.skip_steps) | set(restored.skip_steps))  # the config may add more
-        state = TrainState(restored.epoch, restored.step_in_epoch, restored.global_step, skip, restored.rollbacks)
+        state = TrainState(epoch, step_in_epoch, restored.global_step, skip, restored.rollbacks)
         run_id = restored.mlflow_run_id
         dist.log(
             f"resumed from {resume_from} (epoch {state.epoch}, step {state.step_in_epoch} of it, "
@@ -458,6 +471,8 @@ def set_up(cfg, env) -> tuple[Setup, TrainState]:
         warning = kl_weight_warning(cfg.loss, cfg.data.batch_size)
         if warning:
             dist.log(f"warning: {warning}")
+    if plan is not None:
+        elastic.announce(plan, saved.config["train"]["accum_steps"], state.global_step, state.epoch, tracker)
     val_images = _mask_picture_images(cfg, device) if cfg.tracking.mask_images_every_epochs else None
     run = Setup(cfg, env, run_dir, loader, steps_per_epoch, engines, tracker, val_images, iteration_flops(cfg))
     return run, state

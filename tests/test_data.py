@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DistributedSampler
 
 from clmae.config import load_config
 from clmae.data import (
@@ -18,7 +17,10 @@ from clmae.data import (
     build_eval_loader,
     build_pretrain_loader,
     contiguous_shard,
-    shuffled_shard,
+    epoch_permutation,
+    rank_order,
+    step_sample_ids,
+    steps_in_epoch,
 )
 from clmae.dist import detect
 from data_prep.outputs import WriteOptions
@@ -63,21 +65,33 @@ def rank_loaders(beton):
     return [build_pretrain_loader(cfg, rank_env(rank, 2), img_size=IMG_SIZE) for rank in (0, 1)]
 
 
-@pytest.mark.parametrize("num_samples", [24, 25, 7])
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_shuffled_shard_is_pytorchs_distributed_sampler(num_samples, world_size):
-    """The order FFCV's distributed RANDOM mode would give, without a process group."""
-    for rank in range(world_size):
-        for seed, epoch in ((0, 0), (0, 3), (7, 1)):
-            sampler = DistributedSampler(
-                range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
-            )
-            sampler.set_epoch(epoch)
-            assert shuffled_shard(num_samples, seed, epoch, rank, world_size).tolist() == list(sampler)
-    shares = [shuffled_shard(num_samples, 0, 0, rank, world_size) for rank in range(world_size)]
-    assert set(np.concatenate(shares)) == set(range(num_samples))
-    assert sum(map(len, shares)) - num_samples == -num_samples % world_size  # only the padding repeats
-    assert np.concatenate([contiguous_shard(num_samples, rank, world_size) for rank in range(world_size)]).tolist() == (
+@pytest.mark.parametrize("num_samples", [8, 25, 100])
+def test_every_split_of_a_global_batch_trains_each_step_on_the_same_micro_batches(num_samples):
+    """The order is chunks of the permutation: (W ranks, K accumulation) and (W', K') with the same global
+    batch give every optimiser step the same micro-batches, only on other ranks."""
+    batch = 2
+    for seed, epoch in ((0, 0), (7, 3)):
+        permutation = epoch_permutation(num_samples, seed, epoch)
+        assert sorted(permutation.tolist()) == list(range(num_samples))
+        splits = [(1, 4), (2, 2), (4, 1)]  # (world size, accum): global batch 8
+        steps = steps_in_epoch(num_samples, 8)
+        per_split = []
+        for world, accum in splits:
+            orders = [rank_order(num_samples, seed, epoch, batch, accum, rank, world) for rank in range(world)]
+            assert all(len(order) == steps * accum * batch for order in orders)
+            micro = [order.reshape(steps, accum, batch) for order in orders]
+            per_step = [sorted(tuple(m[s, k]) for m in micro for k in range(accum)) for s in range(steps)]
+            per_split.append(per_step)
+            for s in range(steps):
+                assert sorted(x for chunk in per_step[s] for x in chunk) == sorted(
+                    step_sample_ids(num_samples, seed, epoch, 8, s).tolist()
+                )
+        assert per_split[0] == per_split[1] == per_split[2]
+        # The unseen rest of the epoch after step s is the permutation after s global batches.
+        assert np.concatenate([step_sample_ids(num_samples, seed, epoch, 8, s) for s in range(steps)]).tolist() == (
+            permutation[: steps * 8].tolist()
+        )
+    assert np.concatenate([contiguous_shard(num_samples, rank, 3) for rank in range(3)]).tolist() == (
         list(range(num_samples))
     )
 

@@ -26,7 +26,7 @@ from clmae.weights import consolidated_state_dict
 from tests.data_fixtures import make_imagenet
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS_PER_EPOCH = 749 // 64  # ceil(1497 digits / 2 ranks) images per rank, 64 per batch
+STEPS_PER_EPOCH = 1497 // (2 * 64)  # 1497 digits in whole global batches of 2 ranks x 64
 EPOCHS = 1
 SBATCH_FOR_CPU = ("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=6G")
 # One task ("GPU") per node on two nodes: the same 2 ranks, so the same weights, as one node with two.
@@ -307,3 +307,36 @@ def test_convert_imagenet_job_writes_and_verifies(slurm_cluster, tmp_path):
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"train.beton", "val.beton", "classes.json"}
     assert f"wrote {len(expected['train'])} images" in log and "done:" in log
+
+
+def test_a_run_resubmitted_on_one_task_and_back_continues_the_same_mlflow_run(
+    completed_run, slurm_cluster, digits, tmp_path
+):
+    """Elastic resume through SLURM: the run starts on 2 tasks, is resubmitted (same RUN_NAME) on 1 task,
+    which doubles train.accum_steps, then on 2 tasks again, and ends like the uninterrupted 2-task run (to
+    the reduction order, tests/test_elastic.py) in one MLflow run. Resubmitted with another layout rather
+    than requeued: a requeued job keeps its allocation's task count."""
+    one_task = ("--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=6G")
+    legs = [(SBATCH_2_NODES, " train.stop_at_step=4"), (one_task, " train.stop_at_step=8"), (SBATCH_2_NODES, "")]
+    logs = []
+    for layout, stop in legs:
+        env = job_env(slurm_cluster, digits, tmp_path, "elastic")
+        env["OVERRIDES"] += stop
+        job = submit(slurm_cluster, "pretrain_vith.sh", env, tmp_path, "--time=20", layout=layout)
+        info = slurm_cluster.wait(job, timeout=900)
+        logs.append(job_log(tmp_path, job))
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), logs[-1][-3000:]
+    assert "re-sharded from 2 to 1 ranks at global step 4 (epoch 0): train.accum_steps 1 -> 2" in logs[1]
+    assert "re-sharded from 1 to 2 ranks at global step 8 (epoch 0): train.accum_steps 2 -> 1" in logs[2]
+    run_dir = tmp_path / "elastic"
+    state = read_client_state(find_latest(run_dir))
+    assert (state.epoch, state.global_step, state.world_size) == (EPOCHS, EPOCHS * STEPS_PER_EPOCH, 2)
+    runs = mlflow_runs(run_dir)
+    assert len(runs) == 1 and runs[0].info.run_id == state.mlflow_run_id and runs[0].info.status == "FINISHED"
+    assert {"resharded.step_000000004", "resharded.step_000000008"} <= set(runs[0].data.tags)
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    steps = [m.step for m in client.get_metric_history(state.mlflow_run_id, "mae/loss")]
+    assert sorted(steps) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    got, want = weights(run_dir), weights(completed_run[0])
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5)

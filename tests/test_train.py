@@ -40,13 +40,20 @@ def free_port() -> int:
 
 
 class Run:
-    """One training launch: two rank processes writing to log files."""
+    """One training launch: `ranks` rank processes (two by default) writing to log files."""
 
     def __init__(
-        self, run_dir: Path, digits: Path, overrides: list[str], fault: str | None = None, file_size_limit: int = 0
+        self,
+        run_dir: Path,
+        digits: Path,
+        overrides: list[str],
+        fault: str | None = None,
+        ranks: int = 2,
+        extra_env: dict[str, str] | None = None,
+        file_size_limit: int = 0,
     ):
         self.run_dir = run_dir
-        self.logs = [run_dir.parent / f"{run_dir.name}-rank{r}-{time.monotonic_ns()}.log" for r in (0, 1)]
+        self.logs = [run_dir.parent / f"{run_dir.name}-rank{r}-{time.monotonic_ns()}.log" for r in range(ranks)]
         args = [
             sys.executable,
             "-m",
@@ -68,14 +75,15 @@ class Run:
         port = str(free_port())
         self.procs = []
         for rank, log in enumerate(self.logs):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks))
+            env.update(LOCAL_WORLD_SIZE=str(ranks), **(extra_env or {}))
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
             env.pop("CLMAE_FAULT", None)
             env.pop("MLFLOW_TRACKING_URI", None)  # the store in the run directory, which the checks read
             if fault:
                 env["CLMAE_FAULT"] = fault
             # The file-size limit on the last rank only: a rank failing alone is the harder case to agree on.
-            limit = partial(_limit_file_size, file_size_limit) if file_size_limit and rank == 1 else None
+            limit = partial(_limit_file_size, file_size_limit) if file_size_limit and rank == ranks - 1 else None
             with open(log, "w") as handle:
                 self.procs.append(
                     subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, preexec_fn=limit)
