@@ -134,3 +134,39 @@ def test_deepspeeds_own_zero_to_fp32_opens_each_engine_directory_without_flags(p
         expected = consolidated_state_dict(step_dir, engine)
         assert recovered.keys() == expected.keys()
         assert all(torch.equal(recovered[k].float(), expected[k]) for k in expected)
+
+
+def test_vit_base_patch8_checkpoint_exports_and_loads_strict_into_timm(digits, tmp_path):
+    """The reference's second model through the whole path: clmae-pretrain writes a real ViT-B/8 checkpoint
+    (vitb8_reference: both engines, one optimiser step on one process, at 32 px so the step is cheap; the
+    size changes only the number of position embeddings), clmae-export consolidates it, and the file's
+    metadata alone builds timm's vit_base_patch8_224 that loads it strict."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    args = [
+        sys.executable, "-m", "clmae.train", "--config", "vitb8_reference",
+        f"run.output_dir={tmp_path}", "run.name=b8",
+        f"data.train_path={digits / 'train.beton'}", f"data.val_path={digits / 'val.beton'}",
+        "model.img_size=32", "data.batch_size=2", "train.accum_steps=1", "data.num_workers=1",
+        "data.os_cache=false", "train.ds_config=zero2_fp32", "train.stop_at_step=1", "loss.kl_reference_batch=null",
+        "tracking.enabled=false", "tracking.mask_images_every_epochs=0",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MLFLOW_TRACKING_URI")}
+    trained = subprocess.run(args, capture_output=True, text=True, timeout=600, env=dict(env, OMP_NUM_THREADS="1"))
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+
+    out = tmp_path / "b8.safetensors"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert export_main([str(tmp_path / "b8"), "--out", str(out)]) == 0
+    with safe_open(str(out), framework="pt") as handle:
+        kwargs = json.loads(handle.metadata()["timm.create_model_kwargs"])
+    assert kwargs == timm_encoder_kwargs("vit_base_patch8", 32)
+    assert (kwargs["model_name"], kwargs["patch_size"], kwargs["embed_dim"], kwargs["depth"]) == (
+        "vit_base_patch8_224", 8, 768, 12
+    )
+    model = timm.create_model(**kwargs)
+    model.load_state_dict(load_file(str(out)), strict=True)
+    assert model.forward_features(torch.zeros(1, 3, 32, 32)).shape == (1, 1 + 16, 768)
