@@ -361,4 +361,6 @@ def _selftest() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_selftest())
+    from clmae.cli import run_main
+
+    run_main(_selftest, skip_teardown=True)
