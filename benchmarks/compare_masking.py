@@ -34,10 +34,10 @@ data from `clmae-prep fashion-mnist`, 2 epochs unless --epochs says otherwise). 
 version was estimated at about 65 minutes on 2 idle cores (CL-MAE ~18 min per epoch, MAE ~6, each evaluation
 ~4 min); with the equal-FLOP arm and two seeds, expect several hours.
 
-Measured on an otherwise idle 2-core machine, per seed at 20 epochs: the CL-MAE pre-training takes 9.5 minutes
-(about 55 img/s: on this tiny model a CL-MAE iteration has 5.4x the FLOPs of an MAE iteration), the MAE
-pre-training about 3 minutes at equal epochs and about 15 at equal FLOPs, and each evaluation 15 to 35
-seconds: about an hour for the default two seeds.
+Measured on an otherwise idle 2-core machine, per seed at 20 epochs: the CL-MAE pre-training takes 5.3 minutes
+(about 90 img/s: on this tiny model a CL-MAE iteration has 5.4x the FLOPs of an MAE iteration), the MAE
+pre-training 80 s at equal epochs and 6 minutes at equal FLOPs, and each evaluation 8 to 20 seconds:
+29 minutes for the default two seeds.
 """
 
 from __future__ import annotations
