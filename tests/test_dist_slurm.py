@@ -12,13 +12,17 @@ from clmae.dist import slurm_master_port
 # Launcher variables that, inherited from whatever runs pytest, would win over SLURM's in detect().
 TORCH_LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-# One JSON line per process: its SLURM_* variables and what clmae.dist.detect makes of them.
+# One JSON file per process: its SLURM_* variables and what clmae.dist.detect makes of them. A file each, not
+# a stdout line: slurmstepd forwards task output in 1 KiB pieces, so two tasks' lines longer than that
+# interleave in the job's output file (seen on CI: a probe line cut in the middle by the other task's).
 PROBE = """\
 import json, os, sys
 from dataclasses import asdict
 from clmae.dist import detect
 slurm_env = {k: v for k, v in os.environ.items() if k.startswith("SLURM_")}
-print("PROBE " + json.dumps({"where": sys.argv[1], "env": slurm_env, "detected": asdict(detect(cuda_available=False))}))
+record = {"where": sys.argv[1], "env": slurm_env, "detected": asdict(detect(cuda_available=False))}
+with open(f"probe-{sys.argv[1]}-{os.environ.get('SLURM_PROCID', 'none')}.json", "w") as f:
+    json.dump(record, f)
 """
 
 DIST_LINE = re.compile(r"\[rank (\d+)\] DistEnv\((.*)\); all_reduce of \(rank\+1\) = (\S+) \(expected (\S+)\)")
@@ -27,7 +31,8 @@ DIST_LINE = re.compile(r"\[rank (\d+)\] DistEnv\((.*)\); all_reduce of \(rank\+1
 @pytest.fixture(scope="module")
 def dist_job(slurm_cluster, tmp_path_factory):
     """Runs one 2-task job: the probe in the batch shell, the probe as an srun step (step 0), then
-    `python -m clmae.dist` as a second srun step. Returns (job id, scontrol record, output text)."""
+    `python -m clmae.dist` as a second srun step. Returns (job id, scontrol record, output text, probe
+    records)."""
     work = tmp_path_factory.mktemp("dist_slurm")
     (work / "probe.py").write_text(PROBE)
     script = work / "job.sh"
@@ -54,17 +59,14 @@ def dist_job(slurm_cluster, tmp_path_factory):
     )
     info = slurm_cluster.wait(job_id, timeout=300)
     output = (work / f"job-{job_id}.out").read_text()
-    return job_id, info, output
-
-
-def probes(output: str) -> list[dict]:
-    return [json.loads(line.removeprefix("PROBE ")) for line in output.splitlines() if line.startswith("PROBE ")]
+    found = [json.loads(path.read_text()) for path in sorted(work.glob("probe-*.json"))]
+    return job_id, info, output, found
 
 
 @pytest.mark.slurm
 @pytest.mark.distributed
 def test_srun_step_ranks_meet_and_all_reduce(dist_job, slurm_cluster):
-    job_id, info, output = dist_job
+    job_id, info, output, _ = dist_job
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{info}\n{output}\n{slurm_cluster.log_tail()}"
 
     ranks = {}
@@ -95,8 +97,7 @@ def test_srun_step_ranks_meet_and_all_reduce(dist_job, slurm_cluster):
 def test_step_id_marks_srun_tasks_but_not_the_batch_shell(dist_job):
     """clmae.dist tells an srun task from a process started in the batch shell by SLURM_STEP_ID /
     SLURM_STEPID alone (the batch shell has SLURM_PROCID=0 too); pin what SLURM 22.05 really sets."""
-    job_id, _, output = dist_job
-    found = probes(output)
+    job_id, _, output, found = dist_job
     batch = [p for p in found if p["where"] == "batch"]
     tasks = sorted((p for p in found if p["where"] == "task"), key=lambda p: p["env"]["SLURM_PROCID"])
     assert len(batch) == 1 and len(tasks) == 2, output
