@@ -180,3 +180,55 @@ def peak_rss_bytes() -> int:
     if kib is None:
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; never reset
     return kib * 1024
+
+
+# --------------------------------------------------------------------------------------------------
+# The plain PyTorch step: what clmae's engines are measured against (step_overhead.py, gpu_throughput.py).
+# --------------------------------------------------------------------------------------------------
+
+
+class PlainStep:
+    """One optimiser step of each module written plainly, the way the MAE reference trains: fp32 weights,
+    bf16 autocast around each forward (`bf16`), fused AdamW (one kernel for all tensors), clipping with one
+    foreach norm, gradients set to None after the step. The same models, parameter groups, learning rate,
+    betas and `optim.clip_grad` as clmae's engines (clmae.ds_engines), on one process, no data parallelism.
+
+    The iteration is the training loop's: the MAE step on the masking strategy's hard masks, then, for CL-MAE,
+    the CMM step through the frozen MAE (clmae.method).
+    """
+
+    def __init__(self, cfg: Config, mae: nn.Module, cmm: nn.Module | None, bf16: bool, global_batch: int):
+        from clmae.ds_engines import param_groups, peak_lr
+
+        self.cfg, self.mae, self.cmm, self.bf16 = cfg, mae, cmm, bf16
+        self.device = next(mae.parameters()).device
+        # CPU has a fused AdamW too (torch >= 2.4): one op per step there as on CUDA, so op counts match.
+        self.parts = [(mae, cfg.optim)] + ([(cmm, cfg.cmm_optim_resolved())] if cmm is not None else [])
+        self.optimizers = [
+            torch.optim.AdamW(
+                param_groups(module, opt.weight_decay, opt.no_decay_names),
+                lr=peak_lr(opt, global_batch),
+                betas=tuple(opt.betas),
+                fused=True,
+            )
+            for module, opt in self.parts
+        ]
+
+    def _update(self, loss: Tensor, index: int) -> None:
+        module, opt = self.parts[index]
+        loss.backward()
+        if opt.clip_grad > 0:
+            params = [p for p in module.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, opt.clip_grad, foreach=True)
+        self.optimizers[index].step()
+        self.optimizers[index].zero_grad(set_to_none=True)
+
+    def __call__(self, images: Tensor, lam: float = 1.0) -> None:
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        with autocast:
+            loss, _ = mae_step(self.mae, self.cmm, images, self.cfg)
+        self._update(loss, 0)
+        if self.cmm is not None:
+            with autocast:
+                loss, _ = cmm_step(self.mae, self.cmm, images, lam, self.cfg)
+            self._update(loss, 1)

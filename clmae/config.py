@@ -140,6 +140,7 @@ class TrainConfig:
     max_rollbacks: int
     rollback_skip_margin: int
     skip_steps: list[int]
+    compile: bool
 
 
 @dataclass

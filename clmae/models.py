@@ -272,6 +272,17 @@ class CurriculumMaskingModule(nn.Module):
             return torch.sigmoid(F.linear(cls, head.weight.float(), head.bias.float()))
 
 
+def compile_blocks(module: nn.Module) -> int:
+    """torch.compile each transformer block of `module` in place (`nn.Module.compile`): regional compilation, so
+    the compile time is about one block's per block shape, not the whole model's, and the module keeps its
+    parameters and state-dict keys (no `_orig_mod.` wrapper), which checkpoints, exports and resumes rely on.
+    Compiles on the first forward; returns the number of blocks."""
+    blocks = [block for block in module.modules() if isinstance(block, Block)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def build_mae(name: str, img_size: int | None = None, mask_ratio: float = 0.75) -> MaskedAutoencoderViT:
     spec = VIT_SPECS[name]
     return MaskedAutoencoderViT(

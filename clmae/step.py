@@ -23,7 +23,8 @@ def optimizer_step(
     poison_mae_loss: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One optimiser step of each engine on the same images; returns the metrics ({"mae/loss"} and the
-    masking strategy's, e.g. {"cmm/<term>"}), detached, averaged over the micro-batches.
+    masking strategy's, e.g. {"cmm/<term>"}), detached, averaged over the micro-batches, and each engine's
+    gradient norm ({"grad_norm/mae", "grad_norm/cmm"}): 0-d tensors on the device, nothing read on the host.
 
     micro_batches: train.accum_steps tensors (B, 3, H, W). The MAE accumulates over all of them and steps,
     then the masking strategy takes its own step (the CMM accumulates over the same images against the
@@ -50,7 +51,27 @@ def optimizer_step(
     totals.update(engines.strategy.step(engines, micro_batches, lam))
     if timer is not None:
         timer.cmm_done()
+    for name, engine in engines.as_dict().items():
+        norm = grad_norm(engine, device=totals["mae/loss"].device)
+        if norm is not None:
+            totals[f"grad_norm/{name}"] = norm
     return totals
+
+
+def grad_norm(engine, device: torch.device) -> torch.Tensor | None:
+    """The global gradient norm of the engine's last step (before clipping), NaN where a gradient was not
+    finite; None where DeepSpeed computes none (`zero_optimization.compute_grad_norm: false`).
+
+    This is how the NaN guard (train.on_nonfinite) sees a non-finite gradient under a finite loss: the bf16
+    configs turn DeepSpeed's per-tensor overflow check off (`bf16.check_grad_overflow: false`, a dozen kernels
+    per parameter tensor), and the norm, computed anyway, carries the same information in one number.
+    DeepSpeed reports a non-finite norm as -1 (ZeRO 1-3) or as float inf (a skipped bf16 ZeRO-1 step).
+    """
+    value = engine.get_global_grad_norm()
+    if value is None:
+        return None
+    value = torch.as_tensor(value, dtype=torch.float32, device=device)
+    return torch.where(value >= 0, value, torch.full_like(value, float("nan")))
 
 
 class StepTimer:
@@ -93,11 +114,3 @@ class StepTimer:
         self.pending, self.mae_seconds, self.cmm_seconds = [], 0.0, 0.0
         return result
 
-
-def grad_norms(engines) -> dict[str, float]:
-    norms = {}
-    for name, engine in engines.as_dict().items():
-        value = engine.get_global_grad_norm()
-        if value is not None:
-            norms[f"grad_norm/{name}"] = float(value)
-    return norms

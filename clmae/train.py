@@ -111,6 +111,7 @@ class Setup:
     tracker: Any  # clmae.tracking.Tracker
     val_images: Any  # (8, 3, H, W) for the mask pictures, or None
     flops: dict[str, float]  # per image, of each step (clmae.method.iteration_flops)
+    compiled: bool = False  # train.compile: the first step (which compiles) is done
 
 
 def train(cfg) -> int:
@@ -179,7 +180,11 @@ def train_one_epoch(run: Setup, state: TrainState, window: MetricsWindow) -> int
         metrics = {}  # a skipped step (train.skip_steps, rollbacks) consumes its batches and nothing else
         if state.global_step + 1 not in state.skip_steps:
             poison = faults.at_step(env.rank, env.world_size, state.global_step + 1)
+            started = time.perf_counter()
             metrics = optimizer_step(run.engines, micro_batches, lam, cfg, window.timer, poison_mae_loss=poison)
+            if cfg.train.compile and not run.compiled:
+                run.compiled = True  # the first step of this process compiles the blocks
+                dist.log(f"train.compile: the first step compiled the blocks in {time.perf_counter() - started:.1f} s")
         state.step_in_epoch += 1
         state.global_step += 1
 
@@ -215,15 +220,15 @@ def train_one_epoch(run: Setup, state: TrainState, window: MetricsWindow) -> int
 
 
 def roll_back(run: Setup, state: TrainState, window: MetricsWindow, non_finite: list[str]) -> None:
-    """After a non-finite loss term (on any rank; every rank calls this): reload the last good checkpoint
-    into the same engines and mark the steps from its position up to the one that diverged, plus
+    """After a non-finite loss term or gradient norm (on any rank; every rank calls this): reload the last good
+    checkpoint into the same engines and mark the steps from its position up to the one that diverged, plus
     train.rollback_skip_margin, as skipped; `state` is then the checkpoint's, with the longer skip list.
     Raises TrainingDiverged instead with train.on_nonfinite=stop, after train.max_rollbacks rollbacks, or
     with no checkpoint yet."""
     from clmae import checkpoint, dist, elastic
 
     cfg, diverged = run.cfg, state.global_step
-    what = f"non-finite loss at global step {diverged} (epoch {state.epoch}): {', '.join(non_finite)}"
+    what = f"non-finite loss or gradient at global step {diverged} (epoch {state.epoch}): {', '.join(non_finite)}"
     kept = f"the last good checkpoint stays 'latest' in {checkpoint.checkpoint_root(run.run_dir)}"
     if cfg.train.on_nonfinite == "stop":
         raise TrainingDiverged(f"{what}; train.on_nonfinite=stop: stopping without saving, {kept}")
@@ -334,11 +339,9 @@ class MetricsWindow:
 
     def report(self, run: Setup, state: TrainState) -> dict[str, float]:
         """Each metric's mean over the window and the ranks (one all_reduce), then throughput, TFLOP/s,
-        MFU, learning rates, gradient norms and progress; starts a new window."""
+        MFU, learning rates and progress; starts a new window."""
         import torch
         import torch.distributed as tdist
-
-        from clmae.step import grad_norms
 
         names = sorted(self.sums)
         summed = torch.stack([self.sums[n] for n in names]) / self.steps
@@ -355,7 +358,6 @@ class MetricsWindow:
         if engines.masking:
             report["perf/cmm_step_share"] = masking_seconds / (mae_seconds + masking_seconds)
         report.update(engines.lrs())
-        report.update(grad_norms(engines))
         report["progress/epoch"] = state.epoch + state.step_in_epoch / run.steps_per_epoch
         self._reset()
         return report

@@ -77,3 +77,37 @@ def test_verify_checkpoint_times_the_manifest_on_a_real_layout(tmp_path):
     assert abs(rows["verify size"]["gib"] * 2**30 - 14 * (params["mae"] + params["cmm"])) < 100_000
     assert all(row["seconds"] > 0 for row in rows.values())
     assert not list(tmp_path.glob("clmae-verify-*"))  # cleaned up
+
+
+@pytest.mark.distributed
+def test_step_overhead_holds_the_launch_budget_of_every_bf16_config(tmp_path):
+    """One optimiser step through clmae's engines launches at most 1.5x the kernels of a plain PyTorch step
+    (ZeRO-1/2; 2.5x for ZeRO-3), MAE and CL-MAE, with a handful of host syncs, none per parameter tensor.
+    vit_tiny has the blocks of a ViT (12 parameter tensors each); its counts grow with depth as ViT-B's do."""
+    out = tmp_path / "overhead.json"
+    stdout = run_script("step_overhead.py", "--models", "vit_tiny", "--check", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert {(row["method"], row["ds_config"]) for row in rows} == {
+        (method, f"zero{stage}_bf16") for method in ("mae", "clmae") for stage in (1, 2, 3)
+    }, stdout
+    for row in rows:
+        assert row["mae_param_tensors"] == 108, row
+        assert row["engines"]["ops"] <= row["target_ratio"] * row["plain"]["ops"], row
+        assert row["engines"]["syncs"] <= row["target_syncs"] < row["mae_param_tensors"], row
+        assert row["plain"]["syncs"] == 0 and row["plain"]["ops"] > 300, row
+
+
+@pytest.mark.distributed
+def test_step_overhead_sees_deepspeeds_per_tensor_overflow_check(tmp_path):
+    """The budget can fail: DeepSpeed's own bf16 default (an overflow check per gradient) is far over it."""
+    default = json.loads((BENCHMARKS.parent / "ds_configs" / "zero2_bf16.json").read_text())
+    default["bf16"]["check_grad_overflow"] = True
+    config = tmp_path / "zero2_bf16_overflow_check.json"
+    config.write_text(json.dumps(default))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["--models", "vit_tiny", "--methods", "mae", "--configs", str(config), "--check"]
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "step_overhead.py"), *args], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "off target: vit_tiny MAE" in result.stdout and "ratio" in result.stdout

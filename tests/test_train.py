@@ -244,7 +244,8 @@ def test_nan_guard_stops_every_rank_and_keeps_the_last_good_checkpoint(tmp_path,
     run_dir = tmp_path / "nan"
     run = Run(run_dir, digits, [f"train.stop_at_step={STEPS}", "train.on_nonfinite=stop"], fault="nan_loss@3")
     assert run.wait() == [1, 1], run.output()[-3000:]
-    assert "error: non-finite loss at global step 3 (epoch 0): mae/loss; train.on_nonfinite=stop" in run.output()
+    expected = "global step 3 (epoch 0): grad_norm/mae, mae/loss; train.on_nonfinite=stop"
+    assert f"error: non-finite loss or gradient at {expected}" in run.output()
     assert find_latest(run_dir).name == "step_000000002"
     assert not (checkpoint_root(run_dir) / "step_000000003").exists()
 
@@ -256,12 +257,12 @@ def test_nan_rolls_back_skips_the_batches_and_matches_a_run_told_to_skip_them(tm
     run = Run(run_dir, digits, [f"train.stop_at_step={STEPS}"], fault="nan_loss@4")
     assert run.wait() == [0, 0], run.output()[-3000:]
     output = run.output()
-    summary = "step 4: mae/loss non-finite; restored step_000000002, skipped steps 3-4"
+    summary = "step 4: grad_norm/mae, mae/loss non-finite; restored step_000000002, skipped steps 3-4"
     assert output.count("rollback 1 of at most 3: " + summary) == 1, output[-3000:]
     assert f"reached train.stop_at_step={STEPS}" in output
     state = read_client_state(find_latest(run_dir))
     assert state.global_step == STEPS and state.skip_steps == [3, 4]
-    assert state.rollbacks == [{"step": 4, "terms": ["mae/loss"], "from_step": 2, "skipped": [3, 4]}]
+    assert state.rollbacks == [{"step": 4, "terms": ["grad_norm/mae", "mae/loss"], "from_step": 2, "skipped": [3, 4]}]
     told = Run(reference, digits, [f"train.stop_at_step={STEPS}", "train.skip_steps=[3,4]"])
     assert told.wait() == [0, 0], told.output()[-3000:]
 

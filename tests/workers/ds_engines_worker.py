@@ -6,13 +6,16 @@ engines exactly as clmae/train.py does, and checks on the way that
 - each engine's optimiser holds state for its own module only,
 then writes the final weights of both modules for the test to compare with a single-process reference.
 It also trains ZeRO-2 with gradient accumulation (train.accum_steps=2) through the training loop's own
-`optimizer_step`, builds every ds_configs file into a DeepSpeedConfig and runs one bf16 iteration.
+`optimizer_step`, builds every ds_configs file into a DeepSpeedConfig and runs one bf16 iteration. For every
+bf16 and fp32 file it compares clmae's one-kernel gradient norm with DeepSpeed's own, on the same gradients, and
+checks that a non-finite gradient under a finite loss reaches the step's metrics (grad_norms.json).
 
 usage: ds_engines_worker.py OUT_DIR ITERATIONS
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from clmae.config import load_config
 from clmae.ds_engines import DS_CONFIG_DIR, build_ds_config, build_engines
 from clmae.method import cmm_step, mae_step
 from clmae.models import build_models
+from clmae.step import optimizer_step
 
 PER_RANK_BATCH = 4
 ACCUM_STEPS = 2  # the accumulation run: 2 micro-batches of 2 images per rank and optimiser step
@@ -168,6 +172,39 @@ def bf16_iteration(env) -> None:
         print(f"bf16 iteration: mae {loss.item():.4f} cmm {cmm_loss.item():.4f}", flush=True)
 
 
+def grad_norm_pairs(ds_config: str, env) -> dict:
+    """The MAE engine's gradient norm after one backward, by clmae's foreach norm (the engine's method) and by
+    DeepSpeed's own per-tensor method (the class's), on the same gradients; then a step whose loss is finite and
+    one gradient NaN (a hook): the step's metrics must show it."""
+    cfg = config_for(ds_config)
+    torch.manual_seed(0)
+    mae, cmm = build_models(cfg)
+    engines = build_engines(cfg, mae, cmm, STEPS_PER_EPOCH, env.world_size)
+    engine, optimizer = engines.mae, engines.mae.optimizer
+    images = global_batches(1)[0].chunk(env.world_size)[env.rank]
+    loss, _ = mae_step(engine, engines.masking["cmm"].module, images, cfg)
+    engine.backward(loss)
+    record = {"replaced": "get_grad_norm_direct" in vars(optimizer)}
+    if record["replaced"]:
+        stage3 = engine.zero_optimization_stage() == 3
+        params = optimizer.fp16_groups if stage3 else optimizer.params_in_partition
+        ours, theirs = [], []
+        for grads, group in zip(optimizer.averaged_gradients.values(), params, strict=True):
+            ours.append(optimizer.get_grad_norm_direct(grads, group).item())
+            theirs.append(type(optimizer).get_grad_norm_direct(optimizer, grads, group).item())
+        record.update(ours=ours, deepspeed=theirs)
+    engine.step()
+    poisoned = next(p for p in engine.module.parameters() if p.requires_grad)
+    handle = poisoned.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    metrics = optimizer_step(engines, [images], 0.5, cfg)
+    handle.remove()
+    record.update(
+        nan_step_loss=metrics["mae/loss"].item(),
+        nan_step_grad_norm=metrics["grad_norm/mae"].item(),
+    )
+    return record
+
+
 def main() -> None:
     out_dir, iterations = Path(sys.argv[1]), int(sys.argv[2])
     env = dist.init()
@@ -179,6 +216,9 @@ def main() -> None:
                 print(f"zero{stage}_fp32 trained", flush=True)
         train_accumulated(ACCUM_STEPS, iterations, out_dir, env)
         bf16_iteration(env)
+        norms = {name: grad_norm_pairs(name, env) for name in ("zero1_bf16", "zero2_bf16", "zero3_bf16", "zero2_fp32")}
+        if env.rank == 0:
+            (out_dir / "grad_norms.json").write_text(json.dumps(norms))
     finally:
         dist.shutdown()
 
