@@ -13,34 +13,41 @@ process whose process group clmae.dist.init sets up as for any single-process ru
   (--matmul-size, 8192 on CUDA), after warm-up. This is what the GPU really reaches on large matmuls (it is
   below the data sheet's dense peak, e.g. 989 TFLOP/s bf16 for an H100 SXM, which train.peak_tflops uses);
 - peak memory: torch.cuda.max_memory_allocated over the timed iterations (peak RSS with --device cpu);
-- the largest per-GPU batch that fits with ZeRO-2: the batch doubles from --batch-size until
+- the plain PyTorch step beside it (benchmarks/_common.PlainStep: the same models and batch, fp32 weights, bf16
+  autocast, fused AdamW), timed the same way in the same worker process after the engines are freed, and the
+  ratio clmae / plain (above 1: clmae is faster); --no-plain skips it;
+- with --search, the largest per-GPU batch that fits with ZeRO-2: the batch doubles from --batch-size until
   torch.cuda.OutOfMemoryError (or --max-batch), then a binary search between the last batch that fit and the
   first that did not (to a multiple of 8 above 64). A batch fits if two iterations complete; leave a margin for
   a long run. Every try (and every timed run) is a fresh Python process, so each starts with all GPU memory free.
   If --batch-size itself does not fit, the timed run halves it until it does.
 
+--compile sets train.compile (torch.compile of each transformer block, clmae.models.compile_blocks) for both arms;
+the warm-up iterations then include the compilation (`warmup_seconds` in --out).
+
 On a GPU machine:
 
     python benchmarks/gpu_throughput.py --out gpu.json
     # = --models vit_base_patch16 vit_large_patch16 vit_huge_patch14 --dtype bf16 --batch-size 64 --iters 10
+    python benchmarks/gpu_throughput.py --compile --out gpu_compiled.json
 
-The largest-batch search can take several minutes per model: each try pays a process start, the engines'
-construction and two iterations, and a search makes about 5 to 12 tries per (model, method). An estimate, not
-yet timed on a GPU: 3 to 5 minutes per (model, method), so 20 to 30 minutes for the defaults; --no-max-batch
-skips the search (a few minutes). The progress goes to stderr, the table to stdout; --out is rewritten after
-every (model, method), so an interrupted run keeps what it measured.
+On one H200, the run without the plain arm took 64-65 s per model (2 workers: process start, engines, 13
+iterations each); the plain arm runs in the same workers, so the default run (3 models, 2 methods, both arms) is
+estimated at 2 to 3 minutes per model, 6 to 8 in all (not yet timed). The search makes about 5 to 12 more tries per
+(model, method), each a fresh process: 20 to 30 minutes more for the defaults. The progress goes to stderr, the
+table to stdout; --out is rewritten after every (model, method), so an interrupted run keeps what it measured.
 
 CPU smoke mode, to check the script without a GPU (MFU against the measured fp32 matmul peak; 96 s on 2 shared
 cores, plus 1 to 2.5 minutes whenever DeepSpeed JIT-builds its CPU comm op, deepspeed_shm_comm, in the first
 worker):
 
-    python benchmarks/gpu_throughput.py --device cpu --dtype fp32 --models vit_tiny --batch-size 4 --iters 1 \\
-        --no-max-batch
+    python benchmarks/gpu_throughput.py --device cpu --dtype fp32 --models vit_tiny --batch-size 4 --iters 1
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -89,7 +96,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=10, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before them")
     parser.add_argument("--max-batch", type=int, default=2048, help="the largest batch the search tries")
-    parser.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search")
+    parser.add_argument("--search", action="store_true", help="search the largest batch that fits (slow)")
+    parser.add_argument("--no-max-batch", action="store_true", help="no largest-batch search (the default)")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch step beside each row")
+    parser.add_argument("--compile", action="store_true", help="train.compile: torch.compile each block (both arms)")
     parser.add_argument("--matmul-size", type=int, help="N of the peak matmul (default: 8192 on CUDA, 2048 on CPU)")
     parser.add_argument("--out", type=Path, help="write the results to this JSON file")
     # Internal: one measurement in this process, its result written to --result.
@@ -98,6 +108,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.no_max_batch = args.no_max_batch or not args.search
     if args.matmul_size is None:
         args.matmul_size = 8192 if args.device == "cuda" else 2048
     if min(args.batch_size, args.iters, args.max_batch) < 1 or args.warmup < 0:
@@ -105,8 +116,9 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def run_config(model: str, method: str, batch_size: int, dtype: str) -> Config:
+def run_config(model: str, method: str, batch_size: int, dtype: str, compile_blocks: bool = False) -> Config:
     overrides = [f"model.name={model}", f"data.batch_size={batch_size}", f"train.ds_config=zero2_{dtype}"]
+    overrides.append(f"train.compile={str(compile_blocks).lower()}")
     if method == "mae":
         overrides.append("masking.mode=random")
     return load_config(None, overrides)
@@ -161,36 +173,59 @@ def matmul_worker(args: argparse.Namespace) -> dict:
 
 
 def run_worker(args: argparse.Namespace) -> dict:
-    """Engines for (model, method) at one batch size; --warmup, then --iters timed iterations."""
+    """(model, method) at one batch size: clmae's engines, then (unless --no-plain) the plain PyTorch step of the
+    same models in the same process; --warmup, then --iters timed iterations of each."""
+    from _common import PlainStep
+
     from clmae import dist
     from clmae.ds_engines import build_engines
-    from clmae.models import build_models
+    from clmae.models import build_models, compile_blocks
     from clmae.step import optimizer_step
 
     env = dist.init("nccl" if args.device == "cuda" else "gloo")  # rank 0 of 1 (call_worker clears launchers)
     device = torch.device(env.device)
+    cfg = run_config(args.model, args.method, args.batch_size, args.dtype, args.compile)
+    torch.manual_seed(cfg.run.seed)
+    with device:  # built in place: the same modules as building on the CPU and moving them, faster
+        mae, cmm = build_models(cfg)
+    engines = build_engines(cfg, mae, cmm, STEPS_PER_EPOCH, env.world_size)  # compiles the blocks (--compile)
+    size = mae.patch_embed.img_size
+    # fp32 images on the device, as the loader hands them over; the MAE casts them to its dtype.
+    images = torch.randn(args.batch_size, 3, *size, device=device)
+    # One optimiser step of each engine: the training loop's own (accum_steps 1).
+    record = time_iterations(functools.partial(optimizer_step, engines, [images], 1.0, cfg), device, args)
+    global_batch = engines.global_batch
+    del engines, mae, cmm
+    if not args.no_plain:
+        torch.manual_seed(cfg.run.seed)
+        with device:
+            mae, cmm = build_models(cfg)
+        if args.compile:
+            for module in (mae, cmm):
+                if module is not None:
+                    compile_blocks(module)
+        plain = PlainStep(cfg, mae, cmm, bf16=args.dtype == "bf16", global_batch=global_batch)
+        record["plain"] = time_iterations(functools.partial(plain, images), device, args)
+    dist.shutdown()
+    return record
+
+
+def time_iterations(iteration, device: torch.device, args: argparse.Namespace) -> dict:
+    """--warmup calls of `iteration`, then --iters timed ones; throughput and memory."""
     cuda = device.type == "cuda"
 
     def memory_now() -> int:
         return torch.cuda.memory_allocated(device) if cuda else rss_bytes()
 
-    cfg = run_config(args.model, args.method, args.batch_size, args.dtype)
-    torch.manual_seed(cfg.run.seed)
-    with device:  # built in place: the same modules as building on the CPU and moving them, faster
-        mae, cmm = build_models(cfg)
-    engines = build_engines(cfg, mae, cmm, STEPS_PER_EPOCH, env.world_size)
-    size = mae.patch_embed.img_size
-    # fp32 images on the device, as the loader hands them over; the loop casts them to the engines' dtype.
-    images = torch.randn(args.batch_size, 3, *size, device=device)
-
-    def iteration() -> None:  # one optimiser step of each engine: the training loop's own (accum_steps 1)
-        optimizer_step(engines, [images.to(engines.dtype)], 1.0, cfg)
-
+    if cuda:
+        torch.cuda.empty_cache()
     synchronize(device)
     built = memory_now()
+    start = time.perf_counter()
     for _ in range(args.warmup):
         iteration()
     synchronize(device)
+    warmup_seconds = time.perf_counter() - start
     between = memory_now()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -206,6 +241,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "iters": args.iters,
         "warmup": args.warmup,
+        "warmup_seconds": warmup_seconds,  # with --compile: includes the blocks' compilation
         "seconds_per_iter": seconds / args.iters,
         "images_per_s": args.batch_size * args.iters / seconds,
         "memory": "allocated" if cuda else "rss",
@@ -215,7 +251,6 @@ def run_worker(args: argparse.Namespace) -> dict:
     }
     if cuda:
         record["peak_memory_reserved"] = torch.cuda.max_memory_reserved(device)
-    dist.shutdown()
     return record
 
 
@@ -248,9 +283,10 @@ def worker_env(device: str) -> dict[str, str]:
     return env
 
 
-def call_worker(kind: str, args: argparse.Namespace, **options) -> dict:
+def call_worker(kind: str, args: argparse.Namespace, plain: bool = False, **options) -> dict:
     """Run one worker in a fresh process; its result, {"oom": True, ...}, or {"error": ..., "output": ...}."""
     command = ["--worker", kind, "--device", args.device, "--dtype", args.dtype, "--matmul-size", str(args.matmul_size)]
+    command += ["--no-plain"] * (args.no_plain or not plain) + ["--compile"] * args.compile
     for name, value in options.items():
         command += [f"--{name.replace('_', '-')}", str(value)]
     try:
@@ -264,15 +300,20 @@ def call_worker(kind: str, args: argparse.Namespace, **options) -> dict:
     return {"error": f"exit code {code}", "output": output}
 
 
-def timed_run(model: str, method: str, args: argparse.Namespace, batch: int, iters: int, warmup: int) -> dict:
+def timed_run(
+    model: str, method: str, args: argparse.Namespace, batch: int, iters: int, warmup: int, plain: bool = True
+) -> dict:
     start = time.perf_counter()
-    record = call_worker("run", args, model=model, method=method, batch_size=batch, iters=iters, warmup=warmup)
+    options = {"model": model, "method": method, "batch_size": batch, "iters": iters, "warmup": warmup}
+    record = call_worker("run", args, plain=plain, **options)
     if record.get("oom"):
         outcome = "out of memory"
     elif "error" in record:
         outcome = f"error: {record['error']}\n{record['output']}"
     else:
         outcome = f"fits, peak {record['peak_memory'] / GIB:.2f} GiB, {record['images_per_s']:.1f} img/s"
+        if "plain" in record:
+            outcome += f" (plain step: {record['plain']['images_per_s']:.1f} img/s)"
     progress(f"  {model} {LABELS[method]} batch {batch}: {outcome} ({time.perf_counter() - start:.0f} s)")
     return record
 
@@ -290,7 +331,7 @@ def search_max_batch(
 
     def probe(batch: int) -> bool | None:
         nonlocal error
-        record = timed_run(model, method, args, batch, iters=1, warmup=1)
+        record = timed_run(model, method, args, batch, iters=1, warmup=1, plain=False)
         probes.append({"batch_size": batch, "fits": not record.get("oom") and "error" not in record, **record})
         if "error" in record:
             error = f"batch {batch}: {record['error']}"
@@ -351,6 +392,11 @@ def measure_pair(model: str, method: str, args: argparse.Namespace, peak_tflops:
         return row
     row["tflops"] = row["flops_per_image"]["total"] * record["images_per_s"] / 1e12
     row["mfu"] = row["tflops"] / peak_tflops
+    if "plain" in record:
+        plain = record["plain"]
+        plain["tflops"] = row["flops_per_image"]["total"] * plain["images_per_s"] / 1e12
+        plain["mfu"] = plain["tflops"] / peak_tflops
+        row["vs_plain"] = record["images_per_s"] / plain["images_per_s"]  # > 1: clmae is faster
     if not args.no_max_batch:
         row["max_batch"] = search_max_batch(model, method, args, batch, fails, record["peak_memory"])
     return row
@@ -374,6 +420,9 @@ def format_row(row: dict) -> str:
         f"{row['flops_per_image']['total'] / 1e9:>10.4g} {row['tflops']:>8.3g} {100 * row['mfu']:>6.1f}% "
         f"{timed['peak_memory'] / GIB:>9.2f}"
     )
+    if "plain" in timed:
+        plain = timed["plain"]
+        line += f" {plain['images_per_s']:>11.1f} {100 * plain['mfu']:>9.1f}% {row['vs_plain']:>8.2f}x"
     search = row.get("max_batch")
     if search is not None:
         most = f"{'>=' if search['max_batch_capped'] or search['search_error'] else ''}{search['max_batch']}"
@@ -388,13 +437,16 @@ def print_table(report: dict, rows: list[dict]) -> None:
     matmul, device = report["matmul"], report["device"]
     kind = "allocated" if report["device_type"] == "cuda" else "RSS"
     print(
-        f"{device['name']}: ZeRO-2 {report['dtype']} (clmae.ds_engines.build_engines, 1 process); "
+        f"{device['name']}: ZeRO-2 {report['dtype']}{' + train.compile' if report['compile'] else ''} "
+        "(clmae.ds_engines.build_engines, 1 process); "
         f"measured {report['dtype']} matmul peak ({matmul['n']}^3): {matmul['tflops']:.3g} TFLOP/s"
     )
     header = (
         f"{'model':<18} {'method':<7} {'batch':>6} {'img/s':>9} {'ms/iter':>9} {'GFLOP/img':>10} "
         f"{'TFLOP/s':>8} {'MFU':>7} {'peak GiB':>9}"
     )
+    if any("plain" in row["timed"] for row in rows):
+        header += f" {'plain img/s':>11} {'plain MFU':>10} {'vs plain':>9}"
     if any("max_batch" in row for row in rows):
         header += f" {'max batch':>10} {'at max GiB':>11}"
     print(header)
@@ -405,6 +457,12 @@ def print_table(report: dict, rows: list[dict]) -> None:
         f"MFU: TFLOP/s / the measured matmul peak;\npeak GiB: {kind}, the highest during the timed iterations"
         + ("; max batch: the largest that completes two iterations (ZeRO-2, one GPU)" if "max batch" in header else "")
         + ("; *: --batch-size did not fit, halved until it did" if any(halved(row) for row in rows) else "")
+        + (
+            ";\nplain: the same models and batch as a plain PyTorch step in the same process (fp32 weights, "
+            "bf16 autocast, fused AdamW); vs plain: clmae img/s / plain img/s"
+            if any("plain" in row["timed"] for row in rows)
+            else ""
+        )
     )
 
 
@@ -421,6 +479,7 @@ def main() -> None:
         "device_type": args.device,
         "dtype": args.dtype,
         "ds_config": f"zero2_{args.dtype}",
+        "compile": args.compile,
         "batch_size": args.batch_size,
         "iters": args.iters,
         "warmup": args.warmup,

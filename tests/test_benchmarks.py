@@ -40,13 +40,15 @@ def test_memory_counts_adamw_state_exactly_and_clmae_needs_more(tmp_path):
 
 @pytest.mark.distributed
 def test_gpu_throughput_cpu_smoke_mode_reports_flops_and_mfu(tmp_path):
-    """The GPU script's CPU mode: the real ZeRO-2 engines in one process, timed, with counted FLOPs."""
+    """The GPU script's CPU mode: the real ZeRO-2 engines in one process, timed, with counted FLOPs, and the
+    plain PyTorch step of the same models beside each row."""
     out = tmp_path / "gpu.json"
     stdout = run_script(
         "gpu_throughput.py",
         *("--device", "cpu", "--dtype", "fp32", "--models", "vit_tiny", "--batch-size", "4"),
-        *("--iters", "1", "--warmup", "1", "--no-max-batch", "--out", str(out)),
+        *("--iters", "1", "--warmup", "1", "--out", str(out)),
     )
+    assert "plain img/s" in stdout and "vs plain" in stdout, stdout
     report = json.loads(out.read_text())
     assert report["matmul"]["tflops"] > 0
     rows = {row["method"]: row for row in report["rows"]}
@@ -56,6 +58,10 @@ def test_gpu_throughput_cpu_smoke_mode_reports_flops_and_mfu(tmp_path):
         assert timed["batch_size"] == 4 and timed["images_per_s"] > 0 and timed["peak_memory"] > 0
         assert row["tflops"] == pytest.approx(row["flops_per_image"]["total"] * timed["images_per_s"] / 1e12)
         assert row["mfu"] == pytest.approx(row["tflops"] / report["matmul"]["tflops"])
+        plain = timed["plain"]
+        assert plain["batch_size"] == 4 and plain["images_per_s"] > 0 and plain["peak_memory"] > 0
+        assert row["vs_plain"] == pytest.approx(timed["images_per_s"] / plain["images_per_s"])
+        assert "max_batch" not in row  # the search is opt-in (--search)
     # Plain MAE has no CMM step; CL-MAE's iteration does both steps, several times the MAE's FLOPs.
     assert rows["mae"]["flops_per_image"]["cmm_step"] == 0
     assert rows["clmae"]["flops_per_image"]["total"] > 3 * rows["mae"]["flops_per_image"]["total"]
