@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from clmae.config import Config, load_config
+from clmae.masking import build_models
 from clmae.method import cmm_step, mae_step
-from clmae.models import build_models
 
 
 def add_iteration_arguments(parser, iters: int, iters_help: str) -> None:

@@ -138,7 +138,7 @@ def parse_args() -> argparse.Namespace:
 def equal_flop_epochs(args: argparse.Namespace) -> tuple[int, dict[str, float]]:
     """MAE epochs whose training FLOPs match `args.epochs` CL-MAE epochs, and the counts per image."""
     from clmae.config import load_config
-    from clmae.method import iteration_flops
+    from clmae.masking import iteration_flops
 
     def per_image(mode: str) -> float:
         cfg = load_config(args.data.config, [*args.overrides, f"masking.mode={mode}"])

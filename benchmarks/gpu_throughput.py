@@ -62,7 +62,7 @@ import torch
 from _common import peak_rss_bytes, reset_peak_rss, rss_bytes, run_in_fresh_process, synchronize
 
 from clmae.config import MODEL_NAMES, Config, load_config
-from clmae.method import iteration_flops
+from clmae.masking import iteration_flops
 
 METHODS = ("mae", "clmae")
 LABELS = {"mae": "MAE", "clmae": "CL-MAE"}
@@ -179,7 +179,8 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     from clmae import dist
     from clmae.ds_engines import build_engines
-    from clmae.models import build_models, compile_blocks
+    from clmae.masking import build_models
+    from clmae.models import compile_blocks
     from clmae.step import optimizer_step
 
     env = dist.init("nccl" if args.device == "cuda" else "gloo")  # rank 0 of 1 (call_worker clears launchers)

@@ -33,7 +33,7 @@ def save_checkpoint(model: str, stage: int, run_dir: Path) -> None:
     """The worker (each of 2 ranks): engines, one iteration on random images, a checkpoint."""
     from clmae import checkpoint, dist
     from clmae.ds_engines import build_engines
-    from clmae.models import build_models
+    from clmae.masking import build_models
     from clmae.step import optimizer_step
 
     env = dist.init("gloo", 30)
@@ -49,7 +49,7 @@ def save_checkpoint(model: str, stage: int, run_dir: Path) -> None:
 
 
 def trained_state_bytes(model: str) -> int:
-    from clmae.models import build_models
+    from clmae.masking import build_models
 
     cfg = load_config(None, [f"model.name={model}"])
     with torch.device("meta"):

@@ -21,7 +21,7 @@ import torch
 from _common import add_iteration_arguments, build_iterations, synchronize
 
 from clmae.config import load_config
-from clmae.method import iteration_flops
+from clmae.masking import iteration_flops
 
 # The target of issue 3: no cost beyond the method's arithmetic, within 10 %.
 MAX_OVERHEAD = 1.1

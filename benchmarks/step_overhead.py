@@ -146,7 +146,7 @@ def run_config(model: str, method: str, ds_config: str, img_size: int | None, cl
 def worker(args: argparse.Namespace) -> dict:
     from clmae import dist
     from clmae.ds_engines import build_engines
-    from clmae.models import build_models
+    from clmae.masking import build_models
     from clmae.step import optimizer_step
 
     env = dist.init("gloo")  # rank 0 of 1: the driver clears the launcher variables

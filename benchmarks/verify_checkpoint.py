@@ -35,7 +35,7 @@ def engine_params(model: str) -> dict[str, int]:
     """Trainable parameters of the MAE and the CMM engines of `model` (built on the meta device: no memory)."""
     import torch
 
-    from clmae.models import build_models
+    from clmae.masking import build_models
 
     with torch.device("meta"):
         mae, cmm = build_models(load_config(None, [f"model.name={model}"]))

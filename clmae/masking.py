@@ -149,3 +149,36 @@ def strategy_class(mode: str) -> type[MaskingStrategy]:
 
 def build_strategy(cfg: Config) -> MaskingStrategy:
     return strategy_class(cfg.masking.mode)(cfg)
+
+
+def build_models(cfg: Config) -> tuple[nn.Module, nn.Module | None]:
+    """The MAE (clmae.models.MaskedAutoencoderViT) and the module its masking strategy trains (`masking.mode`; the
+    CMM for curriculum, None for random). Seed the RNG before calling."""
+    from clmae.models import build_mae
+
+    mae = build_mae(cfg.model.name, cfg.model.img_size, cfg.model.mask_ratio)
+    return mae, build_strategy(cfg).build_module(mae)
+
+
+def iteration_flops(cfg: Config) -> dict[str, float]:
+    """Training FLOPs (forward + backward) per image of each step: {"mae": ..., "cmm": ...}.
+
+    Counted, not estimated: the steps run once on a meta-device copy of the models, the same code as
+    training, with no memory and no compute. The MAE step includes the scorer's no-grad forward; "cmm" is the
+    masking strategy's own step (0 for plain MAE, masking.mode: random). The optimiser's element-wise work is
+    not included.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clmae.method import mae_step
+
+    strategy = build_strategy(cfg)
+    with torch.device("meta"):
+        mae, module = build_models(cfg)
+        size = mae.patch_embed.img_size
+        images = torch.randn(1, 3, *size)
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = mae_step(mae, strategy.scorer(module), images, cfg)
+        loss.backward()
+    return {"mae": float(counter.get_total_flops()), "cmm": strategy.step_flops(mae, module, images)}

@@ -21,12 +21,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from clmae.config import Config
 from clmae.losses import cmm_loss, reconstruction_loss, reconstruction_target
-from clmae.masking import build_strategy
-from clmae.models import CurriculumMaskingModule, MaskedAutoencoderViT, build_models
+from clmae.models import CurriculumMaskingModule, MaskedAutoencoderViT
 
 
 @contextlib.contextmanager
@@ -92,22 +90,3 @@ def cmm_step(
     metrics["lambda"] = torch.full((), curriculum_factor, device=loss.device)
     metrics.update(mask_statistics(keep))
     return loss, metrics
-
-
-def iteration_flops(cfg: Config) -> dict[str, float]:
-    """Training FLOPs (forward + backward) per image of each step: {"mae": ..., "cmm": ...}.
-
-    Counted, not estimated: the steps run once on a meta-device copy of the models, the same code as
-    training, with no memory and no compute. The MAE step includes the scorer's no-grad forward; "cmm" is the
-    masking strategy's own step (0 for plain MAE, masking.mode: random). The optimiser's element-wise work is
-    not included.
-    """
-    strategy = build_strategy(cfg)
-    with torch.device("meta"):
-        mae, module = build_models(cfg)
-        size = mae.patch_embed.img_size
-        images = torch.randn(1, 3, *size)
-    with FlopCounterMode(display=False) as counter:
-        loss, _ = mae_step(mae, strategy.scorer(module), images, cfg)
-        loss.backward()
-    return {"mae": float(counter.get_total_flops()), "cmm": strategy.step_flops(mae, module, images)}

@@ -25,8 +25,6 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from clmae.config import Config
-from clmae.masking import build_strategy
 from clmae.specs import VIT_SPECS, image_size
 from clmae.specs import timm_encoder_kwargs as timm_encoder_kwargs  # where clmae-eval looks it up
 
@@ -296,10 +294,3 @@ def build_mae(name: str, img_size: int | None = None, mask_ratio: float = 0.75) 
         decoder_num_heads=spec.decoder_num_heads,
         mask_ratio=mask_ratio,
     )
-
-
-def build_models(cfg: Config) -> tuple[MaskedAutoencoderViT, nn.Module | None]:
-    """The MAE and the module its masking strategy trains (`masking.mode`; the CMM for curriculum, None for
-    random). Seed the RNG before calling."""
-    mae = build_mae(cfg.model.name, cfg.model.img_size, cfg.model.mask_ratio)
-    return mae, build_strategy(cfg).build_module(mae)

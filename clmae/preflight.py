@@ -28,6 +28,9 @@ class InputError(ClmaeError, ValueError):
 
 
 def check_pretrain(cfg: Config) -> None:
+    from clmae.masking import strategy_class
+
+    strategy_class(cfg.masking.mode)  # names masking.mode if no strategy (or plugin) of that name loads
     check_model_geometry(cfg)
     check_schedule(cfg)
     check_run_dir(cfg)

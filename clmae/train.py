@@ -426,8 +426,7 @@ def set_up(cfg, env) -> tuple[Setup, TrainState]:
 
     from clmae import checkpoint, dist, elastic
     from clmae.ds_engines import build_engines
-    from clmae.method import iteration_flops
-    from clmae.models import build_models
+    from clmae.masking import build_models, iteration_flops
     from clmae.weights import load_mae_weights
 
     run_dir = Path(cfg.run.output_dir) / cfg.run.name

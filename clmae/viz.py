@@ -127,8 +127,7 @@ def first_val_images(cfg, count: int) -> Tensor:
 def render_checkpoint(step_dir: Path, cfg, images: Tensor) -> np.ndarray:
     """The picture of `images` under the masks of a checkpoint: its MAE and its masking strategy's module
     (for curriculum runs, the CMM), consolidated to fp32, on CPU."""
-    from clmae.masking import build_strategy
-    from clmae.models import build_models
+    from clmae.masking import build_models, build_strategy
     from clmae.weights import consolidated_state_dict, load_mae_weights
 
     strategy = build_strategy(cfg)

@@ -26,8 +26,8 @@ from clmae.ds_engines import (
     precision_dtype,
     resolve_ds_config,
 )
+from clmae.masking import build_models
 from clmae.method import cmm_step, mae_step
-from clmae.models import build_models
 from tests.workers.ds_engines_worker import ACCUM_STEPS, PER_RANK_BATCH, STEPS_PER_EPOCH, config_for, global_batches
 
 ITERATIONS = 4

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from clmae.checkpoint import find_latest, read_client_state
 from clmae.config import build_config
 from clmae.export import _main as export_main
-from clmae.models import build_models
+from clmae.masking import build_models
 from clmae.specs import timm_encoder_kwargs
 from clmae.weights import consolidated_state_dict, load_encoder, load_mae_weights
 

@@ -15,8 +15,15 @@ from mlflow.tracking import MlflowClient
 from clmae.checkpoint import CheckpointError, find_latest
 from clmae.config import ConfigError, load_config
 from clmae.export import export
-from clmae.masking import STRATEGIES, CurriculumMasking, RandomMasking, strategy_class
-from clmae.models import build_models
+from clmae.masking import (
+    STRATEGIES,
+    CurriculumMasking,
+    RandomMasking,
+    build_models,
+    build_strategy,
+    strategy_class,
+)
+from clmae.preflight import check_pretrain
 from tests.masking_plugins import CentreMasking
 
 PLUGIN = "tests.masking_plugins:CentreMasking"
@@ -24,12 +31,13 @@ PLUGIN = "tests.masking_plugins:CentreMasking"
 
 def test_registry_names_the_two_strategies_and_refuses_others():
     assert STRATEGIES == {"random": RandomMasking, "curriculum": CurriculumMasking}
+    # The name is checked where a strategy is built (the config is plain data), and by clmae-pretrain's preflight.
     with pytest.raises(ConfigError, match=r"'masking\.mode': unknown masking strategy 'saliency'; registered: "):
-        load_config("tiny_digits", ["masking.mode=saliency"])
+        build_strategy(load_config("tiny_digits", ["masking.mode=saliency"]))
     with pytest.raises(ConfigError, match=r"registered: curriculum, random"):
-        load_config("tiny_digits", ["masking.mode=tests.no_such_module:Masking"])
+        check_pretrain(load_config("tiny_digits", ["masking.mode=tests.no_such_module:Masking"]))
     with pytest.raises(ConfigError, match=r"is not a clmae\.masking\.MaskingStrategy subclass"):
-        load_config("tiny_digits", ["masking.mode=tests.masking_plugins:math"])
+        build_strategy(load_config("tiny_digits", ["masking.mode=tests.masking_plugins:math"]))
     assert strategy_class(PLUGIN) is CentreMasking
 
 

@@ -9,8 +9,8 @@ import torch
 
 from clmae.config import load_config
 from clmae.losses import gauss_loss
-from clmae.method import cmm_step, frozen, iteration_flops, mae_step, mask_statistics
-from clmae.models import build_models
+from clmae.masking import build_models, iteration_flops
+from clmae.method import cmm_step, frozen, mae_step, mask_statistics
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ import timm
 import torch
 
 from clmae.config import load_config
+from clmae.masking import build_models
 from clmae.models import (
     CurriculumMaskingModule,
     build_mae,
-    build_models,
     sincos_pos_embed_2d,
     topk_masking,
 )

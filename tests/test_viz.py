@@ -77,7 +77,7 @@ def test_curriculum_record_survives_pruning_and_draws_labelled_rows_and_statisti
 
     from clmae.config import load_config, save_config
     from clmae.curriculum import curriculum_factor
-    from clmae.models import build_models
+    from clmae.masking import build_models
     from clmae.viz import (
         curriculum_label,
         label_band,

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from clmae.checkpoint import CheckpointError
 from clmae.config import load_config
-from clmae.models import build_models
+from clmae.masking import build_models
 from clmae.weights import load_mae_weights
 
 

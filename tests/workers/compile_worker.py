@@ -17,7 +17,7 @@ import torch
 from clmae import dist
 from clmae.config import load_config
 from clmae.ds_engines import build_engines
-from clmae.models import build_models
+from clmae.masking import build_models
 from clmae.step import optimizer_step
 
 STEPS = 2

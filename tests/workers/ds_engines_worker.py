@@ -26,8 +26,8 @@ from deepspeed.utils import safe_get_full_fp32_param
 from clmae import dist
 from clmae.config import load_config
 from clmae.ds_engines import DS_CONFIG_DIR, build_ds_config, build_engines
+from clmae.masking import build_models
 from clmae.method import cmm_step, mae_step
-from clmae.models import build_models
 from clmae.step import optimizer_step
 
 PER_RANK_BATCH = 4

@@ -36,8 +36,8 @@ from torch import nn
 from clmae import dist
 from clmae.config import load_config
 from clmae.ds_engines import DS_CONFIG_DIR, build_engines
+from clmae.masking import build_models
 from clmae.method import cmm_step, mae_step
-from clmae.models import build_models
 
 ACCUM = 4
 SHAPE = (4, 32)  # 128 values: each ZeRO shard (one per rank) holds columns of both kinds
