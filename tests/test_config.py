@@ -191,3 +191,19 @@ def test_cmm_optimiser_inherits_unset_keys_from_the_mae_optimiser():
     assert resolved.warmup_epochs == cfg.optim.warmup_epochs == 2.0
     with pytest.raises(ConfigError, match=r"config key 'cmm_optim\.clip_grad'"):
         load_config(None, ["cmm_optim.clip_grad=-1"])
+
+
+def test_docs_configuration_lists_every_key_with_its_default():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    page = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    documented = dict(re.findall(r"^\| `([\w.]+)` \| `([^`]*)` \|", page, re.MULTILINE))
+    defaults = yaml.safe_load((Path(__file__).parent.parent / "clmae" / "configs" / "defaults.yaml").read_text())
+    expected = {f"{section}.{key}" for section, keys in defaults.items() for key in keys}
+    assert set(documented) == expected
+    for key in expected:
+        section, name = key.split(".")
+        assert yaml.safe_load(documented[key]) == defaults[section][name], key
