@@ -24,7 +24,10 @@ def run_main(main: Callable[[], int | None], skip_teardown: bool = False) -> Non
     try:
         code = main() or 0
     except (ClmaeError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        # The launcher's rank variables (torchrun: RANK, srun: SLURM_PROCID), as clmae.dist reads them.
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+        if not getattr(err, "every_rank", False) or rank == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
         code = 2
     except KeyboardInterrupt:
         code = 130

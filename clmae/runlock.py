@@ -35,7 +35,9 @@ HEARTBEATS_PER_TIMEOUT = 6
 
 
 class RunLockedError(ClmaeError, RuntimeError):
-    """Another live run writes this run directory."""
+    """Another live run writes this run directory (raised on every rank: hold_run_dir broadcasts it)."""
+
+    every_rank = True
 
 
 @dataclass(frozen=True)

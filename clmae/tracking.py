@@ -42,6 +42,9 @@ def redacted_params(cfg: Config) -> dict[str, str]:
     return params
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
 class Tracker:
     """MLflow on rank 0 when tracking is enabled; every method is a no-op elsewhere."""
 
@@ -64,6 +67,9 @@ class Tracker:
             experiment_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id
+        if experiment is None or EXPERIMENT_KIND_TAG not in experiment.tags:
+            # MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; this is model training.
+            self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         if run_id is not None:
             self.client.get_run(run_id)  # fails loudly if the checkpoint's run is not in this store
             history = self.client.get_metric_history(run_id, METRIC_FOR_LAST_STEP)

@@ -45,6 +45,8 @@ def test_a_resumed_tracker_continues_its_run_and_never_relogs_a_step(tmp_path, m
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED" and run.data.params["model.name"] == "vit_tiny"
     assert len(client.search_runs([run.info.experiment_id])) == 1
+    # MLflow 3's UI opens it in the model-training view, not the GenAI one.
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_other_ranks_and_disabled_tracking_log_nothing(tmp_path):

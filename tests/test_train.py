@@ -416,6 +416,7 @@ def test_one_writer_per_run_directory_and_ranks_die_with_their_launcher(tmp_path
         assert second.wait() == [2, 2], second.output()[-3000:]
         refusal = [line for line in second.output().splitlines() if line.startswith("error: ")]
         assert len(refusal) == 1 and "is in use by another live run (host " in refusal[0]
+        assert second.output().count("error: ") == 1, second.output()[-3000:]  # rank 0 alone says it
         assert "job id 31337" in refusal[0] and "pid " in refusal[0]
         assert (run_dir / "config.yaml").stat().st_mtime_ns == config_before
         metric_history(run_dir)  # still exactly one MLflow run
