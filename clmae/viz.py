@@ -44,11 +44,13 @@ def render_masks(
     std: tuple[float, float, float] = IMAGENET_STD,
 ) -> np.ndarray:
     """A picture of what the masking module hides (paper figures 2-4): one column per image, rows
-    original | masked (hidden patches grey) | reconstruction (visible patches pasted back) | m (white = keep).
+    original | masked (hidden patches grey) | reconstruction (visible patches pasted back) | m (white = keep),
+    each row named in a column of LEGEND_WIDTH px on the left (ROW_LABELS).
 
     scorer: the masking strategy's keep scores (`MaskingStrategy.scorer`: the CMM, or None for random masks).
     images: (N, 3, H, W), normalised as the loader gives them. Plain modules, not engines; every rank
-    must call this under ZeRO-3 (the forward gathers parameters). Returns (rows * cell, N * cell, 3) uint8.
+    must call this under ZeRO-3 (the forward gathers parameters). Returns (rows * cell, LEGEND_WIDTH + N * cell, 3)
+    uint8.
     """
     was_training = mae.training
     mae.eval()
@@ -77,7 +79,38 @@ def render_masks(
     factor = max(1, -(-min_cell // images.shape[-1]))  # upscale small images so patches stay visible
     picture = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)  # (3, rows*H, N*W)
     picture = picture.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
-    return (picture.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    picture = (picture.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return row_legend(picture, ROW_LABELS)
+
+
+# What each strip of a mask picture shows, written on its left (render_masks' rows, top to bottom).
+ROW_LABELS = (
+    "image",
+    "what the MAE sees: grey patches are hidden",
+    "reconstruction: visible patches as they are, hidden ones as predicted (blurry, noisy)",
+    "m, the keep score per patch: white = keep visible, black = hide",
+)
+LEGEND_WIDTH = 128  # px of the labels' column on the left of a mask picture
+
+
+def row_legend(picture: np.ndarray, labels: tuple[str, ...], width: int = LEGEND_WIDTH) -> np.ndarray:
+    """picture (H, W, 3) uint8 of len(labels) equal strips, with a white column of `width` px on its left that
+    names each strip (wrapped to the column)."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    strip_height = picture.shape[0] // len(labels)
+    column = Image.new("RGB", (width, picture.shape[0]), (255, 255, 255))
+    draw = ImageDraw.Draw(column)
+    font = ImageFont.load_default(size=11)  # Pillow's own TrueType font (its bitmap font without FreeType)
+    chars_per_line = max(8, (width - 8) // 6)
+    for index, label in enumerate(labels):
+        lines = textwrap.wrap(label, chars_per_line)
+        draw.multiline_text((4, index * strip_height + 4), "\n".join(lines), fill=(0, 0, 0), font=font, spacing=2)
+        if index:
+            draw.line([(0, index * strip_height), (width, index * strip_height)], fill=(200, 200, 200))
+    return np.concatenate([np.asarray(column), picture], axis=1)
 
 
 def _normalised_grey(mean, std, like: Tensor) -> Tensor:

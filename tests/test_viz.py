@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from clmae.checkpoint import STEP_DIR_PATTERN, checkpoint_root, is_complete
+from clmae.viz import LEGEND_WIDTH
 from clmae.viz import _main as viz_main
 
 pytestmark = pytest.mark.distributed
@@ -37,7 +38,7 @@ def test_masks_of_image_files(pretrained_runs, tmp_path):
     draw(["masks", str(pretrained_runs["zero2"]), "--images", *files, "--out", str(out)])
     with Image.open(out) as picture:
         assert picture.format == "PNG" and picture.mode == "RGB"
-        assert picture.size == (3 * CELL, ROWS * CELL)
+        assert picture.size == (LEGEND_WIDTH + 3 * CELL, ROWS * CELL)
 
 
 def test_masks_over_training_from_validation_images(pretrained_runs, tmp_path):
@@ -48,7 +49,7 @@ def test_masks_over_training_from_validation_images(pretrained_runs, tmp_path):
     draw(["masks", "--over-training", str(run_dir), "--from-val", "5", "--out", str(out)])
     with Image.open(out) as picture:
         assert picture.format == "PNG"
-        assert picture.size == (5 * CELL, len(saved) * (LABEL + ROWS * CELL))
+        assert picture.size == (LEGEND_WIDTH + 5 * CELL, len(saved) * (LABEL + ROWS * CELL))
     assert len(saved) >= 2
 
 
