@@ -77,6 +77,12 @@ def print_summary(results: dict, encoder: Path, seconds: float) -> None:
     print(f"  MLflow run      {state.mlflow_run_id}")
     store = f"sqlite:///{(RUN / 'mlflow.db').resolve()}"
     print(f"                  open it: .venv/bin/mlflow ui --backend-store-uri {store} --workers 1")
+    # MLflow 3's UI starts in its GenAI view; this parameter opens the model-training one (Runs, Model metrics).
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=store).get_run(state.mlflow_run_id).info.experiment_id
+    page = f"#/experiments/{experiment}/runs/{state.mlflow_run_id}/model-metrics?workflowType=machine_learning"
+    print(f"                  then: http://127.0.0.1:5000/{page}")
     print(f"  timm encoder    {encoder.resolve()}")
     records = load_curriculum_stats(RUN)
     rows = [curriculum_label(r["epoch"], r["lambda"]) for r in records.values()]

@@ -68,7 +68,8 @@ class Tracker:
         else:
             experiment_id = experiment.experiment_id
         if experiment is None or EXPERIMENT_KIND_TAG not in experiment.tags:
-            # MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; this is model training.
+            # This is model training, not GenAI. (MLflow 3.17's UI picks its view from a setting of the browser,
+            # GenAI by default, or from `?workflowType=machine_learning` in the address; other versions read this.)
             self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         if run_id is not None:
             self.client.get_run(run_id)  # fails loudly if the checkpoint's run is not in this store
