@@ -7,7 +7,7 @@ digits set from each of the pre-training seeds (`--seeds`, default 0 and 1), in 
 - no pre-training: the encoder the pre-training runs start from (`run.seed`), exported as a weights file;
 - MAE, equal epochs: `masking.mode=random`, plain MAE with uniformly random masks, `--epochs` epochs;
 - MAE, equal FLOPs: the same, for the epochs whose counted training FLOPs match the CL-MAE run's
-  (`clmae.method.iteration_flops`: the CL-MAE iteration, MAE step + CMM step, over the MAE iteration, times
+  (`clmae.masking.iteration_flops`: the CL-MAE iteration, MAE step + CMM step, over the MAE iteration, times
   `--epochs`, rounded; the same batch, so the same iterations per epoch);
 - CL-MAE: `masking.mode=curriculum` (the default), masks from the learned curriculum masking module,
   partner to adversary over `--epochs` epochs.

@@ -7,7 +7,7 @@ clmae.ds_engines.build_engines with ZeRO-2 (ds_configs/zero2_bf16.json, or zero2
 process whose process group clmae.dist.init sets up as for any single-process run. For each (model, method):
 
 - images/s over --iters iterations after --warmup ones (torch.cuda.synchronize around the timed block);
-- achieved TFLOP/s: the FLOPs per image of both steps, counted on the meta device by clmae.method.iteration_flops
+- achieved TFLOP/s: the FLOPs per image of both steps, counted on the meta device by clmae.masking.iteration_flops
   (what the trainer's MFU uses; matmuls and attention, forward + backward), times images/s;
 - MFU against the MEASURED matmul peak: the best of a few timed rounds of an N x N x N matmul in the same dtype
   (--matmul-size, 8192 on CUDA), after warm-up. This is what the GPU really reaches on large matmuls (it is
@@ -454,13 +454,13 @@ def print_table(report: dict, rows: list[dict]) -> None:
     for row in rows:
         print(format_row(row))
     print(
-        f"GFLOP/img: both steps of an iteration, forward + backward, counted (clmae.method.iteration_flops); "
+        f"GFLOP/img: both steps of an iteration, forward + backward, counted (clmae.masking.iteration_flops); "
         f"MFU: TFLOP/s / the measured matmul peak;\npeak GiB: {kind}, the highest during the timed iterations"
         + ("; max batch: the largest that completes two iterations (ZeRO-2, one GPU)" if "max batch" in header else "")
         + ("; *: --batch-size did not fit, halved until it did" if any(halved(row) for row in rows) else "")
         + (
             ";\nplain: the same models and batch as a plain PyTorch step in the same process (fp32 weights, "
-            "bf16 autocast, fused AdamW); vs plain: clmae img/s / plain img/s"
+            f"{'bf16 autocast, ' if report['dtype'] == 'bf16' else ''}fused AdamW); vs plain: clmae img/s / plain img/s"
             if any("plain" in row["timed"] for row in rows)
             else ""
         )

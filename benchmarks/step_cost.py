@@ -3,7 +3,7 @@
 A plain MAE iteration: random masks, forward + backward + AdamW step of the MAE. A CL-MAE iteration: the MAE step
 on the CMM's hard masks, then the CMM step on soft masks (the MAE frozen), each with its own AdamW, as the
 training engine runs them. Both are timed in the same process on the same batch; the FLOPs are counted with
-torch.utils.flop_counter on the meta device (clmae.method.iteration_flops, which the trainer's MFU uses too).
+torch.utils.flop_counter on the meta device (clmae.masking.iteration_flops, which the trainer's MFU uses too).
 The method's own arithmetic makes the FLOP ratio (about 3.5x for ViT-B); an implementation without overhead
 has a time ratio close to it:
 

@@ -56,7 +56,7 @@ class MaskingStrategy:
         return {}
 
     def step_flops(self, mae: nn.Module, module: nn.Module | None, images: Tensor) -> float:
-        """Training FLOPs of `step` on `images` (counted on meta tensors by clmae.method.iteration_flops)."""
+        """Training FLOPs of `step` on `images` (counted on meta tensors by clmae.masking.iteration_flops)."""
         return 0.0
 
     def report(self, report: dict[str, float]) -> list[str]:

@@ -110,7 +110,7 @@ class Setup:
     engines: Any  # clmae.ds_engines.Engines
     tracker: Any  # clmae.tracking.Tracker
     val_images: Any  # (8, 3, H, W) for the mask pictures, or None
-    flops: dict[str, float]  # per image, of each step (clmae.method.iteration_flops)
+    flops: dict[str, float]  # per image, of each step (clmae.masking.iteration_flops)
     compiled: bool = False  # train.compile: the first step (which compiles) is done
 
 
