@@ -60,7 +60,7 @@ def optimizer_step(
 
 def grad_norm(engine, device: torch.device) -> torch.Tensor | None:
     """The global gradient norm of the engine's last step (before clipping), NaN where a gradient was not
-    finite; None where DeepSpeed computes none (`zero_optimization.compute_grad_norm: false`).
+    finite; None where DeepSpeed computes none (`zero_optimization.compute_grad_norm: false`) and for fp16.
 
     This is how the NaN guard (train.on_nonfinite) sees a non-finite gradient under a finite loss: the bf16
     configs turn DeepSpeed's per-tensor overflow check off (`bf16.check_grad_overflow: false`, a dozen kernels
@@ -68,7 +68,9 @@ def grad_norm(engine, device: torch.device) -> torch.Tensor | None:
     DeepSpeed reports a non-finite norm as -1 (ZeRO 1-3) or as float inf (a skipped bf16 ZeRO-1 step).
     """
     value = engine.get_global_grad_norm()
-    if value is None:
+    if value is None or engine.fp16_enabled():
+        # fp16's dynamic loss scaling skips a step whose gradients overflowed and lowers the scale: by design,
+        # not a divergence, so fp16 runs leave gradient norms out of the guard (and of the metrics).
         return None
     value = torch.as_tensor(value, dtype=torch.float32, device=device)
     return torch.where(value >= 0, value, torch.full_like(value, float("nan")))
