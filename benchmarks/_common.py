@@ -25,6 +25,19 @@ from clmae.config import Config, load_config
 from clmae.masking import build_models
 from clmae.method import cmm_step, mae_step
 
+# The launcher variables that clmae.dist.detect reads: a benchmark's worker sees none, so it is a single process.
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "SLURM_PROCID",
+)
+
 
 def add_iteration_arguments(parser, iters: int, iters_help: str) -> None:
     """The options of the scripts that run `build_iterations`: which models, what batch, which device."""

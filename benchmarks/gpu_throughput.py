@@ -59,7 +59,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from _common import peak_rss_bytes, reset_peak_rss, rss_bytes, run_in_fresh_process, synchronize
+from _common import LAUNCHER_VARS, peak_rss_bytes, reset_peak_rss, rss_bytes, run_in_fresh_process, synchronize
 
 from clmae.config import MODEL_NAMES, Config, load_config
 from clmae.masking import iteration_flops
@@ -70,18 +70,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GIB = 2**30
 STEPS_PER_EPOCH = 1000  # for the engines' LR schedule only
 WORKER_TIMEOUT_S = 1800
-# The launcher variables that clmae.dist.detect reads: a worker must see none, so that it is a single process.
-LAUNCHER_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "LOCAL_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-    "SLURM_PROCID",
-)
 OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "can't allocate memory")
 
 

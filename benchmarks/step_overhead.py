@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import PlainStep, run_in_fresh_process
+from _common import LAUNCHER_VARS, PlainStep, run_in_fresh_process
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from clmae.config import MODEL_NAMES, load_config
@@ -77,7 +77,6 @@ NO_KERNEL_OPS = {
     "aten::sym_storage_offset",
 }
 WORKER_TIMEOUT_S = 3600
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID")
 
 
 class LaunchCounter(TorchDispatchMode):
