@@ -54,6 +54,7 @@ import torch
 
 from clmae.bicubic import resize_crop_bicubic, scratch_bytes
 from clmae.errors import ClmaeError
+from clmae.ffcv_import import import_ffcv
 from clmae.specs import IMAGENET_MEAN, IMAGENET_STD, model_image_size
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ def _keep_torch_threads():
 
 
 with _keep_torch_threads():  # importing FFCV sets torch's thread count to 1
+    import_ffcv()
     from ffcv.fields.decoders import IntDecoder
     from ffcv.fields.rgb_image import (
         IMAGE_MODES,

@@ -56,6 +56,9 @@ class BetonFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise DataPrepError(f"{self.path} does not exist")
+        from clmae.ffcv_import import import_ffcv
+
+        import_ffcv()
         from ffcv.fields import IntField, RGBImageField
         from ffcv.reader import Reader
         from ffcv.types import ALLOC_TABLE_TYPE

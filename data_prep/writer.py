@@ -24,14 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from ffcv.fields import IntField, RGBImageField
-from ffcv.memory_allocator import MemoryAllocator
-from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 from tqdm import tqdm
 
+from clmae.ffcv_import import import_ffcv
 from data_prep import DataPrepError
 from data_prep.outputs import WriteOptions, check_output, partial_path, write_skip_report
 from data_prep.sources import Probe, Sample, SourceSet, load_rgb, probe
+
+import_ffcv()  # FFCV's first import goes through it: clmae/ffcv_import.py
+from ffcv.fields import IntField, RGBImageField  # noqa: E402
+from ffcv.memory_allocator import MemoryAllocator  # noqa: E402
+from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter  # noqa: E402
 
 # Above this many bytes of pixels a dataset gets FFCV's default 8 MiB pages; below it FFCV's minimum of
 # 2 MiB, because every writer worker pads its last page and small sets would be mostly padding.
