@@ -25,6 +25,7 @@ from clmae.eval.knn_reference import majority_smallest, reference_features, refe
 from clmae.eval.linprobe import LinearProbe, accuracy, peak_lr, train_linear_probe
 from clmae.evaluate import DatasetMismatchError, check_classes, parse_args, run
 from clmae.models import build_mae
+from tests.conftest import PRETRAIN_IMG_SIZE
 
 # --------------------------------------------------------------------------------------------------
 # The protocols on tensors
@@ -264,8 +265,9 @@ def test_eval_on_digits_pretrained_beats_random_init(pretrained_runs, digits, tm
     # The same encoder before training (the run's own initialisation: seed 0), as an exported file.
     torch.manual_seed(0)
     random_file = tmp_path / "random_init.safetensors"
-    save_file(build_mae("vit_tiny").encoder_state_dict(), random_file)
+    save_file(build_mae("vit_tiny", img_size=PRETRAIN_IMG_SIZE).encoder_state_dict(), random_file)
     data = [f"data.train_path={digits / 'train.beton'}", f"data.val_path={digits / 'val.beton'}"]
+    data.append(f"model.img_size={PRETRAIN_IMG_SIZE}")
     random = {}
     for protocol in ("knn", "linprobe"):
         out = tmp_path / f"random_{protocol}.json"

@@ -19,6 +19,7 @@ from clmae.export import _main as export_main
 from clmae.masking import build_models
 from clmae.specs import timm_encoder_kwargs
 from clmae.weights import consolidated_state_dict, load_encoder, load_mae_weights
+from tests.conftest import PRETRAIN_IMG_SIZE
 
 pytestmark = pytest.mark.distributed
 
@@ -50,9 +51,10 @@ def test_export_loads_strict_into_timm_with_training_features(pretrained_runs, t
     assert namespace["features"].shape == (1, 128)
 
     mae, _ = training_time_models(pretrained_runs[stage])
-    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    size = PRETRAIN_IMG_SIZE
+    images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = mae.forward_encoder(mae.embed_patches(images))  # (4, 1 + 64, 128), all patches visible
+        expected = mae.forward_encoder(mae.embed_patches(images))  # (4, 1 + 16, 128), all patches visible
         got = exported.forward_features(images)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -63,7 +65,7 @@ def test_export_all_writes_mae_and_cmm(pretrained_runs, tmp_path):
         assert export_main([str(pretrained_runs["zero2"]), "--out", str(out), "--what", "all"]) == 0
     mae, cmm = training_time_models(pretrained_runs["zero2"])
 
-    encoder = timm.create_model(**timm_encoder_kwargs("vit_tiny"))
+    encoder = timm.create_model(**timm_encoder_kwargs("vit_tiny", PRETRAIN_IMG_SIZE))
     encoder.load_state_dict(load_file(out), strict=True)
     # The full MAE file is what checkpoint.init_from reads; the CMM file loads strict into the module.
     fresh_mae, fresh_cmm = build_models(build_config(read_client_state(find_latest(pretrained_runs["zero2"])).config))
@@ -76,7 +78,7 @@ def test_export_all_writes_mae_and_cmm(pretrained_runs, tmp_path):
 
     # An exported file is a checkpoint too: evaluation reads its architecture and provenance back.
     source = load_encoder(out)
-    assert (source.model_name, source.img_size) == ("vit_tiny", 32)
+    assert (source.model_name, source.img_size) == ("vit_tiny", PRETRAIN_IMG_SIZE)
     assert source.pretrain_run_id == read_client_state(find_latest(pretrained_runs["zero2"])).mlflow_run_id
 
 
@@ -112,7 +114,7 @@ def test_safetensors_metadata_alone_builds_the_timm_model(pretrained_runs, tmp_p
     assert export_main([str(pretrained_runs["zero2"]), "--out", str(out)]) == 0
     with safe_open(str(out), framework="pt") as handle:
         kwargs = json.loads(handle.metadata()["timm.create_model_kwargs"])
-    assert kwargs == timm_encoder_kwargs("vit_tiny", 32)
+    assert kwargs == timm_encoder_kwargs("vit_tiny", PRETRAIN_IMG_SIZE)
     model = timm.create_model(**kwargs)
     model.load_state_dict(load_file(str(out)), strict=True)
 

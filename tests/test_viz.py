@@ -18,7 +18,7 @@ from clmae.viz import _main as viz_main
 
 pytestmark = pytest.mark.distributed
 
-CELL = 96  # 32 px digits, upscaled 3x so that a 4 px patch stays visible
+CELL = 96  # the 16 px digits of the pre-trained runs, upscaled 6x so that a 4 px patch stays visible
 ROWS = 4  # image, masked image, reconstruction, keep scores
 LABEL = 16  # the step / epoch strip above each band over training
 
