@@ -180,6 +180,7 @@ def save(run_dir: str | os.PathLike, engines: dict[str, Any], client_state: Clie
     root = checkpoint_root(run_dir)
     path = root / step_dir_name(client_state.global_step)
     rank = _rank()
+    faults.in_save(rank, client_state.global_step, "begin")
 
     def prepare() -> None:
         if path.exists():  # an interrupted save of the same step: start it again from nothing
@@ -205,8 +206,7 @@ def save(run_dir: str | os.PathLike, engines: dict[str, Any], client_state: Clie
             write_atomic(path / "client_state.json", client_state.to_json())
 
     _agree_on_save(path, _attempt(write_rank_files, path))
-    if rank == 0 and faults.armed("kill_in_save", client_state.global_step):
-        faults.kill_self()
+    faults.in_save(rank, client_state.global_step, "written")
     # Every rank hashes the files it wrote (still in its page cache), in parallel across ranks.
     hashed: dict[str, list] = {}
     error = _attempt(lambda: hashed.update(_hash_own_files(path)), path)

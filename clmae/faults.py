@@ -5,7 +5,13 @@
   that every rank stops even though only one saw it);
 - `kill_in_save@N`: rank 0 kills itself with SIGKILL in the middle of writing checkpoint N, after the
   engines' shards and before the COMPLETE marker (tests that `latest` never points at a partial save);
-- `hang@N`: the last rank stops inside global step N and never returns (tests the hang watchdog).
+- `kill_all_in_save@N`: the same on every rank at once (a node's death during a save);
+- `kill_before_save@N`: every rank kills itself as checkpoint N begins, before anything of it is written
+  (with N the last step: a death after the last step, before the final checkpoint and the MLflow run's end);
+- `hang@N`: the last rank stops inside global step N and never returns (tests the hang watchdog);
+- `kill_all@N`: every rank kills itself with SIGKILL as global step N begins, after step N-1 is logged and
+  before anything of step N runs (a node's death; with N before the first checkpoint, the case of a job that
+  dies in its first minutes).
 """
 
 from __future__ import annotations
@@ -33,9 +39,20 @@ def nan_loss_due(rank: int, world_size: int, step: int) -> bool:
 def at_step(rank: int, world_size: int, step: int) -> bool:
     """The faults armed for global step `step` on this rank: hangs here for `hang@N`; returns whether the MAE
     loss is to be poisoned (`nan_loss@N`). One call in the loop, so that injection stays out of its reading."""
+    if armed("kill_all", step):
+        kill_self()
     if rank == world_size - 1 and armed("hang", step):
         hang_forever()
     return nan_loss_due(rank, world_size, step)
+
+
+def in_save(rank: int, step: int, phase: str) -> None:
+    """The faults armed for checkpoint `step` at `phase`: "begin" (before anything is written) or "written"
+    (the engines' shards and the rank files are written, the manifest and COMPLETE are not)."""
+    if phase == "begin" and armed("kill_before_save", step):
+        kill_self()
+    if phase == "written" and (armed("kill_all_in_save", step) or (rank == 0 and armed("kill_in_save", step))):
+        kill_self()
 
 
 def kill_self() -> None:

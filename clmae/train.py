@@ -111,6 +111,7 @@ class Setup:
     tracker: Any  # clmae.tracking.Tracker
     val_images: Any  # (8, 3, H, W) for the mask pictures, or None
     flops: dict[str, float]  # per image, of each step (clmae.masking.iteration_flops)
+    started_fresh: bool  # from step 0 (no checkpoint resumed): a rollback may rebuild the initial state
     compiled: bool = False  # train.compile: the first step (which compiles) is done
 
 
@@ -130,7 +131,7 @@ def train(cfg) -> int:
             run.tracker.finish()
             return 0
         window = MetricsWindow(env.device)
-        watchdog.start(cfg.dist, env.rank)
+        watchdog.start(cfg.dist, env.rank, before_exit=lambda: run.tracker.mark_ended("FAILED"))
         while state.epoch < cfg.train.epochs:
             code = train_one_epoch(run, state, window)
             if code is not None:
@@ -221,10 +222,11 @@ def train_one_epoch(run: Setup, state: TrainState, window: MetricsWindow) -> int
 
 def roll_back(run: Setup, state: TrainState, window: MetricsWindow, non_finite: list[str]) -> None:
     """After a non-finite loss term or gradient norm (on any rank; every rank calls this): reload the last good
-    checkpoint into the same engines and mark the steps from its position up to the one that diverged, plus
-    train.rollback_skip_margin, as skipped; `state` is then the checkpoint's, with the longer skip list.
-    Raises TrainingDiverged instead with train.on_nonfinite=stop, after train.max_rollbacks rollbacks, or
-    with no checkpoint yet."""
+    checkpoint into the same engines (before the first one: rebuild the run's initial state from its seed) and
+    mark the steps from its position up to the one that diverged, plus train.rollback_skip_margin, as skipped;
+    `state` is then the checkpoint's (or step 0), with the longer skip list. Raises TrainingDiverged instead
+    with train.on_nonfinite=stop, after train.max_rollbacks rollbacks, or when a run resumed from a checkpoint
+    has none left that verifies."""
     from clmae import checkpoint, dist, elastic
 
     cfg, diverged = run.cfg, state.global_step
@@ -240,21 +242,32 @@ def roll_back(run: Setup, state: TrainState, window: MetricsWindow, non_finite: 
             f"stopping without saving, {kept}"
         )
     good = checkpoint.newest_verified(run.run_dir, cfg.checkpoint.verify, set_aside=True)
-    if good is None:
-        raise TrainingDiverged(f"{what}; no checkpoint to roll back to yet: stopping")
-    # After an elastic resume the good checkpoint may be the one of the other world size resumed from.
-    plan = elastic.prepare(checkpoint.read_client_state(good), cfg, run.env.world_size, good)
-    engines = run.engines.as_dict()
-    restored = checkpoint.load(good, engines, resharded=plan.resharded)  # weights, optimiser, LR schedule, RNG
-    elastic.after_load(plan, engines, cfg.run.seed, run.env.rank, restored, run.steps_per_epoch)
-    first, last = restored.global_step + 1, diverged + cfg.train.rollback_skip_margin
-    record = {"step": diverged, "terms": non_finite, "from_step": restored.global_step, "skipped": [first, last]}
-    state.epoch, state.step_in_epoch, state.global_step = restored.epoch, restored.step_in_epoch, restored.global_step
+    if good is not None:
+        # After an elastic resume the good checkpoint may be the one of the other world size resumed from.
+        plan = elastic.prepare(checkpoint.read_client_state(good), cfg, run.env.world_size, good)
+        engines = run.engines.as_dict()
+        restored = checkpoint.load(good, engines, resharded=plan.resharded)  # weights, optimiser, LR schedule, RNG
+        elastic.after_load(plan, engines, cfg.run.seed, run.env.rank, restored, run.steps_per_epoch)
+        position, source = (restored.epoch, restored.step_in_epoch, restored.global_step), f"restored {good.name}"
+    elif run.started_fresh:
+        # Before the first checkpoint: the run's initial state, which its seed determines. Rebuilt as set_up built
+        # it (the old engines released first: two ZeRO engines of a large model need not fit at once).
+        import gc
+
+        run.engines = None
+        gc.collect()
+        run.engines = initial_engines(cfg, run.env, run.steps_per_epoch)
+        position, source = (0, 0, 0), "rebuilt the initial state"
+    else:
+        raise TrainingDiverged(f"{what}; no checkpoint of this run to roll back to (it resumed from another): stopping")
+    first, last = position[2] + 1, diverged + cfg.train.rollback_skip_margin
+    record = {"step": diverged, "terms": non_finite, "from_step": position[2], "skipped": [first, last]}
+    state.epoch, state.step_in_epoch, state.global_step = position
     state.skip_steps = sorted(set(state.skip_steps) | set(range(first, last + 1)))
     state.rollbacks = [*done, record]
     window.discard()
     n = len(state.rollbacks)
-    summary = f"step {diverged}: {', '.join(non_finite)} non-finite; restored {good.name}, skipped steps {first}-{last}"
+    summary = f"step {diverged}: {', '.join(non_finite)} non-finite; {source}, skipped steps {first}-{last}"
     dist.log(f"rollback {n} of at most {cfg.train.max_rollbacks}: {summary}")
     # Tags, not metrics: setting one again (a requeue before the rollback was saved) changes nothing.
     run.tracker.set_tags({f"rollback.{n}": summary, "rollbacks": str(n)})
@@ -425,9 +438,7 @@ def set_up(cfg, env) -> tuple[Setup, TrainState]:
     import torch
 
     from clmae import checkpoint, dist, elastic
-    from clmae.ds_engines import build_engines
-    from clmae.masking import build_models, iteration_flops
-    from clmae.weights import load_mae_weights
+    from clmae.masking import iteration_flops
 
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     device = torch.device(env.device)
@@ -440,15 +451,8 @@ def set_up(cfg, env) -> tuple[Setup, TrainState]:
         cfg = plan.apply(cfg)  # the accumulation this world size needs; saved with the next checkpoint
     loader, steps_per_epoch = _pretrain_loader(cfg, env, device)
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    mae, module = build_models(cfg)
-    if cfg.checkpoint.init_from and saved is None:
-        load_mae_weights(mae, cfg.checkpoint.init_from)
-        dist.log(f"MAE initialised from {cfg.checkpoint.init_from}")
-    module = module.to(device) if module is not None else None
     resharded = plan is not None and plan.resharded
-    engines = build_engines(cfg, mae.to(device), module, steps_per_epoch, env.world_size, resharded)
-    torch.manual_seed(cfg.run.seed * 1000 + env.rank)  # per-rank stream for random masking
+    engines = initial_engines(cfg, env, steps_per_epoch, init_from=saved is None, resharded=resharded)
 
     state, run_id = TrainState(skip_steps=sorted(set(cfg.train.skip_steps))), None
     if saved is not None:
@@ -466,7 +470,7 @@ def set_up(cfg, env) -> tuple[Setup, TrainState]:
             f"global step {state.global_step})"
         )
     tracker = _start_tracking(cfg, env, run_dir, engines, steps_per_epoch, run_id)
-    if module is not None:
+    if engines.masking_module is not None:
         from clmae.losses import kl_weight_warning
 
         warning = kl_weight_warning(cfg.loss, cfg.data.batch_size)
@@ -475,8 +479,32 @@ def set_up(cfg, env) -> tuple[Setup, TrainState]:
     if plan is not None:
         elastic.announce(plan, saved.config["train"]["accum_steps"], state.global_step, state.epoch, tracker)
     val_images = _mask_picture_images(cfg, device) if cfg.tracking.mask_images_every_epochs else None
-    run = Setup(cfg, env, run_dir, loader, steps_per_epoch, engines, tracker, val_images, iteration_flops(cfg))
+    flops = iteration_flops(cfg)
+    run = Setup(cfg, env, run_dir, loader, steps_per_epoch, engines, tracker, val_images, flops, saved is None)
     return run, state
+
+
+def initial_engines(cfg, env, steps_per_epoch: int, init_from: bool = True, resharded: bool = False):
+    """The models at the run's initial state (from run.seed; checkpoint.init_from loaded when `init_from`) on
+    their engines, and the per-rank RNG stream seeded: what step 1 starts from. `resharded`: a checkpoint of
+    another world size is about to be loaded into them (clmae.elastic)."""
+    import torch
+
+    from clmae import dist
+    from clmae.ds_engines import build_engines
+    from clmae.masking import build_models
+    from clmae.weights import load_mae_weights
+
+    device = torch.device(env.device)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    mae, module = build_models(cfg)
+    if cfg.checkpoint.init_from and init_from:
+        load_mae_weights(mae, cfg.checkpoint.init_from)
+        dist.log(f"MAE initialised from {cfg.checkpoint.init_from}")
+    module = module.to(device) if module is not None else None
+    engines = build_engines(cfg, mae.to(device), module, steps_per_epoch, env.world_size, resharded)
+    torch.manual_seed(cfg.run.seed * 1000 + env.rank)  # per-rank stream for random masking
+    return engines
 
 
 def _pretrain_loader(cfg, env, device):
@@ -509,7 +537,7 @@ def _start_tracking(cfg, env, run_dir: Path, engines, steps_per_epoch: int, run_
         f"{cfg.model.name} ({cfg.masking.mode} masking), {env.world_size} ranks ({env.launcher}, {env.backend}), "
         f"global batch {engines.global_batch}, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, "
         f"run directory {run_dir.resolve()}, "
-        + (f"MLflow {redact_uri(tracker.uri)} run {tracker.run_id}" if tracker.active else "MLflow off")
+        + (f"MLflow {redact_uri(tracker.uri)} run {tracker.run_id}{tracker.note}" if tracker.active else "MLflow off")
     )
     return tracker
 

@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 EXIT_HUNG = 124  # as coreutils `timeout`: the work did not finish in time
 WARMUP_STEPS = 5
@@ -57,8 +58,15 @@ def auto_timeout(intervals: list[float]) -> float:
 class Watchdog:
     """step_timeout_s: None derives it (auto_timeout); 0 off. signal_grace_s: 0 off."""
 
-    def __init__(self, step_timeout_s: float | None, signal_grace_s: float, rank: int) -> None:
+    def __init__(
+        self,
+        step_timeout_s: float | None,
+        signal_grace_s: float,
+        rank: int,
+        before_exit: Callable[[], None] | None = None,
+    ) -> None:
         self.fixed_timeout = step_timeout_s
+        self.before_exit = before_exit
         self.signal_grace_s = signal_grace_s
         self.rank = rank
         self.steps = 0
@@ -126,8 +134,21 @@ class Watchdog:
         sys.stderr.write("\n".join(lines) + "\n")
         sys.stderr.flush()
         sys.stdout.flush()
-        time.sleep(EXIT_DELAY_S)
+        started = time.monotonic()
+        if self.before_exit is not None:
+            # In a thread of its own, bounded by the delay: an unreachable tracking server must not keep a
+            # hung rank alive.
+            last_words = threading.Thread(target=self._run_before_exit, daemon=True)
+            last_words.start()
+            last_words.join(EXIT_DELAY_S)
+        time.sleep(max(0.0, EXIT_DELAY_S - (time.monotonic() - started)))
         os._exit(EXIT_HUNG)  # the main thread is stuck: only a hard exit ends the process
+
+    def _run_before_exit(self) -> None:
+        try:
+            self.before_exit()
+        except Exception as err:  # the exit goes ahead whatever happens here
+            sys.stderr.write(f"[rank {self.rank}] watchdog: before exiting: {type(err).__name__}: {err}\n")
 
     def start(self) -> None:
         self.last_step = time.monotonic()
@@ -140,13 +161,14 @@ class Watchdog:
 _ACTIVE: Watchdog | None = None
 
 
-def start(dist_cfg, rank: int) -> Watchdog | None:
-    """Watch this rank's steps with the `dist` section's settings (nothing to watch when both are 0)."""
+def start(dist_cfg, rank: int, before_exit: Callable[[], None] | None = None) -> Watchdog | None:
+    """Watch this rank's steps with the `dist` section's settings (nothing to watch when both are 0).
+    `before_exit` runs after the dump, before the exit, for at most EXIT_DELAY_S (the MLflow run's status)."""
     global _ACTIVE
     stop()
     if dist_cfg.step_timeout_s == 0 and not dist_cfg.signal_grace_s:
         return None
-    _ACTIVE = Watchdog(dist_cfg.step_timeout_s, dist_cfg.signal_grace_s, rank)
+    _ACTIVE = Watchdog(dist_cfg.step_timeout_s, dist_cfg.signal_grace_s, rank, before_exit)
     _ACTIVE.start()
     return _ACTIVE
 

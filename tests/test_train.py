@@ -9,6 +9,7 @@ the same logged losses, each step logged exactly once in one MLflow run.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -27,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from clmae.checkpoint import checkpoint_root, find_latest, read_client_state
 from clmae.config import load_config
 from clmae.runlock import LOCK_FILE
+from clmae.tracking import RUN_RECORD
 from clmae.train import EXIT_REQUEUE, TrainState, checkpoint_reason
 from clmae.weights import consolidated_state_dict
 
@@ -283,6 +285,86 @@ def test_nan_rolls_back_skips_the_batches_and_matches_a_run_told_to_skip_them(tm
     assert again.wait() == [1, 1], again.output()[-3000:]
     assert "train.max_rollbacks=1 reached (earlier rollbacks at steps 4)" in again.output()
     assert find_latest(run_dir).name == f"step_{STEPS:09d}"
+
+
+def test_kill_9_of_every_rank_before_the_first_checkpoint_keeps_one_mlflow_run(uninterrupted, tmp_path, digits):
+    """Every rank dies as step 2 begins (step 1 logged, the first checkpoint due after step 2): the relaunch
+    starts from step 0 and continues the same MLflow run, logging each step once; the weights are the
+    uninterrupted run's. A relaunch with another config and still no checkpoint gets a new run instead."""
+    run_dir = tmp_path / "killed_early"
+    run = Run(run_dir, digits, [f"train.stop_at_step={STEPS}"], fault="kill_all@2")
+    assert run.wait() == [-signal.SIGKILL, -signal.SIGKILL], run.output()[-3000:]
+    assert find_latest(run_dir) is None
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    first_id, history = metric_history(run_dir)
+    assert [step for step, _ in history["mae/loss"]] == [1]
+    assert client.get_run(first_id).info.status == "RUNNING"  # nothing was left alive to say otherwise
+    assert json.loads((run_dir / RUN_RECORD).read_text())["run_id"] == first_id
+
+    relaunch = Run(run_dir, digits, [f"train.stop_at_step={STEPS}"])
+    assert relaunch.wait() == [0, 0], relaunch.output()[-3000:]
+    assert f"run {first_id} (adopted from {RUN_RECORD}" in relaunch.output()
+    assert_same_training(run_dir, uninterrupted[0])  # one MLflow run, steps 1-6 once, the reference's values
+    assert read_client_state(find_latest(run_dir)).mlflow_run_id == first_id
+    assert client.get_run(first_id).info.status == "KILLED"  # train.stop_at_step: stopped on purpose
+
+    changed_dir = tmp_path / "killed_early_changed"
+    killed = Run(changed_dir, digits, [f"train.stop_at_step={STEPS}"], fault="kill_all@2")
+    assert killed.wait() == [-signal.SIGKILL, -signal.SIGKILL], killed.output()[-3000:]
+    abandoned = json.loads((changed_dir / RUN_RECORD).read_text())["run_id"]
+    changed = Run(changed_dir, digits, ["train.stop_at_step=1", "optim.base_lr=5e-4"])
+    assert changed.wait() == [0, 0], changed.output()[-3000:]
+    assert f"(new: the config changed since run {abandoned}" in changed.output()
+    store = MlflowClient(tracking_uri=f"sqlite:///{changed_dir / 'mlflow.db'}")
+    runs = store.search_runs([e.experiment_id for e in store.search_experiments()])
+    assert {r.info.run_id: r.info.status for r in runs} == {
+        abandoned: "KILLED",
+        read_client_state(find_latest(changed_dir)).mlflow_run_id: "KILLED",
+    }
+
+
+def test_kill_9_of_every_rank_in_a_save_then_after_the_last_step(uninterrupted, tmp_path, digits):
+    """Every rank dies with checkpoint 4's shards written and its COMPLETE not; the relaunch resumes from 2 and
+    every rank dies again after the last step, as the final checkpoint begins; the third launch resumes from 4
+    and finishes: the uninterrupted run's weights, one MLflow run, each step once."""
+    run_dir = tmp_path / "killed_in_saves"
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    for fault, resumes_at in (("kill_all_in_save@4", None), (f"kill_before_save@{STEPS}", 2)):
+        run = Run(run_dir, digits, [f"train.stop_at_step={STEPS}"], fault=fault)
+        assert run.wait() == [-signal.SIGKILL, -signal.SIGKILL], run.output()[-3000:]
+        if resumes_at is not None:
+            assert f"global step {resumes_at})" in run.output()
+        run_id, _ = metric_history(run_dir)
+        assert client.get_run(run_id).info.status == "RUNNING"
+    assert find_latest(run_dir).name == "step_000000004"
+    resumed = Run(run_dir, digits, [f"train.stop_at_step={STEPS}"])
+    assert resumed.wait() == [0, 0], resumed.output()[-3000:]
+    assert "global step 4)" in resumed.output()
+    assert_same_training(run_dir, uninterrupted[0])
+    assert client.get_run(run_id).info.status == "KILLED"  # ended by train.stop_at_step, on purpose
+
+
+def test_nan_before_the_first_checkpoint_rolls_back_to_the_initial_state(tmp_path, digits):
+    """NaN at step 2, before the first checkpoint (due after step 2): the initial state is rebuilt from the
+    seed and steps 1-2 are skipped; bitwise the run told train.skip_steps=[1,2]."""
+    run_dir, reference = tmp_path / "early_nan", tmp_path / "skipping_first"
+    run = Run(run_dir, digits, [f"train.stop_at_step={STEPS}"], fault="nan_loss@2")
+    assert run.wait() == [0, 0], run.output()[-3000:]
+    summary = "step 2: grad_norm/mae, mae/loss non-finite; rebuilt the initial state, skipped steps 1-2"
+    assert run.output().count("rollback 1 of at most 3: " + summary) == 1, run.output()[-3000:]
+    state = read_client_state(find_latest(run_dir))
+    assert state.global_step == STEPS and state.skip_steps == [1, 2]
+    assert state.rollbacks == [{"step": 2, "terms": ["grad_norm/mae", "mae/loss"], "from_step": 0, "skipped": [1, 2]}]
+    told = Run(reference, digits, [f"train.stop_at_step={STEPS}", "train.skip_steps=[1,2]"])
+    assert told.wait() == [0, 0], told.output()[-3000:]
+
+    got, want = weights(run_dir), weights(reference)
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+    _, history = metric_history(run_dir)
+    _, reference_history = metric_history(reference)
+    for key, points in history.items():
+        assert [step for step, _ in points] == [1, 3, 4, 5, 6], key  # step 1 was logged before the NaN
+        assert points[1:] == reference_history[key], key
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(uninterrupted, tmp_path, digits):

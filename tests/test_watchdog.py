@@ -24,7 +24,12 @@ def on_signal(signum, frame):
     stop.append(signum)
     watchdog.signalled()
 signal.signal(signal.SIGTERM, on_signal)
-watchdog.start(SimpleNamespace(step_timeout_s=float(sys.argv[1]), signal_grace_s=float(sys.argv[2])), rank=3)
+def before_exit():  # clmae.train marks the MLflow run FAILED here
+    sys.stderr.write("[rank 3] before_exit ran\\n")
+    sys.stderr.flush()
+watchdog.start(
+    SimpleNamespace(step_timeout_s=float(sys.argv[1]), signal_grace_s=float(sys.argv[2])), 3, before_exit
+)
 for _ in range(3):
     time.sleep(0.05)
     watchdog.step_done()
@@ -58,6 +63,7 @@ def assert_dumped(err: str) -> None:
     assert lines and all(line.startswith("[rank 3] ") for line in lines), err
     assert "in blocked_in_collective" in err and "clmae/watchdog.py" in err  # the main thread and its own
     assert err.count("(most recent call first)") >= 2, err
+    assert lines[-1] == "[rank 3] before_exit ran", err  # after the dump, before the exit
 
 
 def test_no_step_within_the_timeout_dumps_every_thread_and_exits_124():
