@@ -2,12 +2,17 @@
 
     python benchmarks/soak.py --faults 20 --data /path/to/digits      # train.beton / val.beton
     python benchmarks/soak.py --faults 2 --steps 16                   # a smoke run (converts digits itself)
+    python benchmarks/soak.py --faults 6 --seeds 0-9                  # a sweep: one soak per seed, one line each
 
 Faults, drawn with `--seed` among: kill -9 of one rank (the other is killed after a grace period, as srun
 does), kill -9 of all ranks, SIGUSR1 to all (checkpoint, exit 75), a NaN loss on one rank (CLMAE_FAULT; the
 run rolls back in-process), corrupt latest (kill -9 of all, then a shard of the newest checkpoint cut in
 half: the resume must fall back), disk full during a save (RLIMIT_FSIZE lowered on rank 1 while it runs,
-with prlimit: its next checkpoint write fails with EFBIG). Each fault is injected when rank 0 logs a step at
+with prlimit: its next checkpoint write fails with EFBIG), and three kills of every rank placed where a
+cluster's failures also land (armed with CLMAE_FAULT for one launch): before the run's first checkpoint
+(`kill_early`, at step 2), in the middle of a checkpoint save (`kill_in_save`: the shards written, the
+manifest and COMPLETE not), and after the last step, before the final checkpoint and the MLflow run's end
+(`kill_at_end`). Each signal fault is injected when rank 0 logs a step at
 or past the fault's (random) step. After a fault that ends the launch, the run is launched again with
 checkpoint.resume=auto. Then an uninterrupted run with train.skip_steps set to the skip list the soaked run
 recorded is trained, and the two must have bitwise the same weights (both modules), one MLflow run each,
@@ -33,15 +38,45 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("kill_rank", "kill_all", "sigusr1", "nan", "corrupt_latest", "disk_full")
+KINDS = (
+    "kill_rank", "kill_all", "sigusr1", "nan", "corrupt_latest", "disk_full",
+    "kill_early", "kill_in_save", "kill_at_end",
+)  # fmt: skip
+ONCE = ("kill_early", "kill_at_end")  # one place per run: drawn at most once
+CHECKPOINT_EVERY = 3  # checkpoint.every_steps of the soaked run: the first checkpoint is step 3's
 STEP_LINE = re.compile(r"\] step (\d+) \(epoch \d+\) \| mae ")
 
 
 @dataclass
 class Fault:
     kind: str
-    step: int  # injected when rank 0 logs this step or a later one
+    step: int  # injected when rank 0 logs this step or a later one; for kills armed by CLMAE_FAULT, where they fire
     outcome: str = ""
+
+    @property
+    def armed_by_env(self) -> str | None:
+        """The CLMAE_FAULT spec of a kill that the ranks carry out themselves (clmae/faults.py), or None."""
+        specs = {"kill_early": "kill_all", "kill_in_save": "kill_all_in_save", "kill_at_end": "kill_before_save"}
+        return f"{specs[self.kind]}@{self.step}" if self.kind in specs else None
+
+
+def draw_faults(rng: random.Random, count: int, steps: int) -> list[Fault]:
+    """`count` faults in step order. kill_early fires as step 2 begins (step 1 logged, the first checkpoint due
+    after step 3); kill_in_save in the save of a checkpoint step; kill_at_end as the final checkpoint begins."""
+    faults, kinds = [], list(KINDS)
+    for _ in range(count):
+        kind = rng.choice(kinds)
+        if kind in ONCE:
+            kinds.remove(kind)
+        step = rng.randint(2, steps - 1)
+        if kind == "kill_early":
+            step = 2
+        elif kind == "kill_in_save":
+            step = min(-(-step // CHECKPOINT_EVERY) * CHECKPOINT_EVERY, steps - steps % CHECKPOINT_EVERY)
+        elif kind == "kill_at_end":
+            step = steps
+        faults.append(Fault(kind, step))
+    return sorted(faults, key=lambda f: (f.step, f.kind != "kill_early"))
 
 
 @dataclass
@@ -80,7 +115,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(run_dir: Path, data: Path, overrides: list[str], nan_steps: list[int], tag: str) -> Launch:
+def launch(
+    run_dir: Path, data: Path, overrides: list[str], nan_steps: list[int], tag: str, armed: str | None = None
+) -> Launch:
     args = [
         sys.executable, "-m", "clmae.train", "--config", "tiny_digits",
         f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}",
@@ -93,8 +130,9 @@ def launch(run_dir: Path, data: Path, overrides: list[str], nan_steps: list[int]
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         env.pop("MLFLOW_TRACKING_URI", None)
         env.pop("CLMAE_FAULT", None)
-        if nan_steps:
-            env["CLMAE_FAULT"] = ",".join(f"nan_loss@{s}" for s in nan_steps)
+        specs = [f"nan_loss@{s}" for s in nan_steps] + ([armed] if armed else [])
+        if specs:
+            env["CLMAE_FAULT"] = ",".join(specs)
         log = run_dir.parent / f"{run_dir.name}-{tag}-rank{rank}.log"
         with open(log, "w") as handle:
             procs.append(subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env))
@@ -144,29 +182,35 @@ def inject(fault: Fault, run: Launch, run_dir: Path, rng: random.Random, fsize_l
 def soak(args, run_dir: Path, data: Path, overrides: list[str]) -> tuple[list[Fault], int, float]:
     """Runs the soaked run to its end; returns the faults (with what was seen), launches and seconds."""
     rng = random.Random(args.seed)
-    faults = sorted(
-        (Fault(rng.choice(KINDS), rng.randint(2, args.steps - 1)) for _ in range(args.faults)), key=lambda f: f.step
-    )
+    faults = draw_faults(rng, args.faults, args.steps)
     nan_steps = sorted({f.step for f in faults if f.kind == "nan"})
     pending = [f for f in faults if f.kind != "nan"]
     fsize_limit = args.fsize_limit
     launches, start = 0, time.perf_counter()
     while True:
         launches += 1
-        run = launch(run_dir, data, overrides, nan_steps, f"soak{launches:02d}")
+        # A kill the ranks carry out is armed for one launch, when it is the next fault due.
+        armed = pending[0] if pending and pending[0].armed_by_env else None
+        run = launch(run_dir, data, overrides, nan_steps, f"soak{launches:02d}", armed and armed.armed_by_env)
         injected = None
         while run.running():
-            if injected is None and pending and last_step(run.output()) >= pending[0].step:
+            if armed is None and injected is None and pending and last_step(run.output()) >= pending[0].step:
                 injected = pending.pop(0)
                 inject(injected, run, run_dir, rng, fsize_limit)
                 print(f"  launch {launches}: {injected.kind} at step {last_step(run.output())} {injected.outcome}")
             time.sleep(0.05)
         codes = run.wait(60)
         output = run.output()
+        if armed is not None and codes == [-signal.SIGKILL, -signal.SIGKILL]:
+            injected = pending.pop(0)
+            injected.outcome = f"CLMAE_FAULT={armed.armed_by_env}, after step {last_step(output)} was logged"
+            print(f"  launch {launches}: {injected.kind} {injected.outcome}")
         if injected is not None:
             injected.outcome = (injected.outcome + f"; exit codes {codes}").lstrip("; ")
         print(f"  launch {launches} ended with {codes} after {time.monotonic() - run.started:.0f} s")
         if codes == [0, 0] and f"reached train.stop_at_step={args.steps}" in output:
+            for fault in pending:  # e.g. a kill in the save of a step that an earlier fault's resume started after
+                fault.outcome = "not reached"
             return faults, launches, time.perf_counter() - start
         if injected is None and codes != [75, 75]:
             raise SystemExit(f"launch {launches} failed without a fault ({codes}):\n{output[-4000:]}")
@@ -210,15 +254,96 @@ def fsize_limit_for(reference: Path) -> int:
     return max(p.stat().st_size for p in newest.rglob("*.pt")) // 2
 
 
+def parse_seeds(text: str) -> list[int]:
+    """"0-9" -> [0, ..., 9]; "1,4,7" -> [1, 4, 7]."""
+    seeds = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise argparse.ArgumentTypeError(f"--seeds: {text!r} is not a list like 0-9 or 1,4,7")
+        seeds.extend(range(int(first), int(last or first) + 1))
+    return seeds
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    faults: list[Fault]
+    launches: int
+    soak_seconds: float
+    reference_seconds: float
+    problems: list[str]
+
+    @property
+    def injected(self) -> list[Fault]:
+        return [f for f in self.faults if f.outcome != "not reached"]
+
+
+def soak_seed(args, seed: int, work: Path, data: Path, overrides: list[str]) -> SeedResult:
+    """One soak (its own run directory per seed) and the uninterrupted reference with the same skipped steps."""
+    from clmae.checkpoint import read_client_state
+
+    args.seed = seed
+    run_dir = work / f"soaked_seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    faults, launches, soak_seconds = soak(args, run_dir, data, overrides)
+    state = read_client_state(newest_checkpoint(run_dir))
+    reference = work / f"reference_seed{seed}"
+    shutil.rmtree(reference, ignore_errors=True)
+    start = time.perf_counter()
+    skip = f"train.skip_steps={json.dumps(state.skip_steps)}"
+    codes = launch(reference, data, [*overrides, skip], [], "reference").wait(1800)
+    reference_seconds = time.perf_counter() - start
+    if codes != [0, 0]:
+        raise SystemExit(f"the reference run of seed {seed} failed: {codes}")
+    problems = check(run_dir, reference, args.steps)
+    return SeedResult(seed, faults, launches, soak_seconds, reference_seconds, problems)
+
+
+def report(result: SeedResult, run_dir: Path) -> None:
+    """The detailed report of one soak (the README's table row)."""
+    from clmae.checkpoint import read_client_state
+
+    state = read_client_state(newest_checkpoint(run_dir))
+    logs = "".join(p.read_text(errors="replace") for p in sorted(run_dir.parent.glob(f"{run_dir.name}-*-rank0.log")))
+    seen = {
+        "rollbacks": len(re.findall(r"rollback \d+ of at most", logs)),
+        "resumes": logs.count("resumed from"),
+        "adoptions of the MLflow run of an attempt without a checkpoint": logs.count("(adopted from"),
+        "fall-backs to an older checkpoint": logs.count("falling back to the previous complete checkpoint"),
+        "failed saves": logs.count("could not be saved and was removed"),
+    }
+    counts = {kind: sum(f.kind == kind for f in result.injected) for kind in KINDS}
+    print("\nfaults:")
+    for fault in result.faults:
+        print(f"  step {fault.step:4d}  {fault.kind:15s} {fault.outcome}")
+    survived = len(result.injected) if not result.problems else 0
+    soak_s, reference_s = result.soak_seconds, result.reference_seconds
+    print(
+        f"\nfaults injected: {len(result.injected)} ({', '.join(f'{v} {k}' for k, v in counts.items() if v)})\n"
+        f"faults survived: {survived}\n"
+        f"observed: {', '.join(f'{v} {k}' for k, v in seen.items())}; skipped steps {state.skip_steps}\n"
+        f"launches: {result.launches}; soaked run {soak_s:.0f} s vs uninterrupted {reference_s:.0f} s "
+        f"(overhead {soak_s - reference_s:+.0f} s, {soak_s / reference_s - 1:+.0%})\n"
+        f"data lost: {'none' if not result.problems else 'see below'} (final weights bitwise equal to the reference "
+        f"with the same skipped steps; one MLflow run; every step logged once)"
+    )
+    for problem in result.problems:
+        print(f"PROBLEM: {problem}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--faults", type=int, default=20)
+    parser.add_argument("--faults", type=int, default=20, help="faults per soak")
     parser.add_argument("--steps", type=int, default=0, help="optimiser steps of the run (default: 4 x faults + 8)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the seed of one soak, reported in detail")
+    parser.add_argument("--seeds", type=parse_seeds, default=None, help="a sweep (0-9): one soak, one line per seed")
     parser.add_argument("--data", type=Path, default=None, help="a digits directory (default: converted here)")
     parser.add_argument("--work", type=Path, default=None, help="where the runs go (default: a temporary dir)")
     args = parser.parse_args()
     args.steps = args.steps or 4 * args.faults + 8
+    if args.steps < 2 * CHECKPOINT_EVERY:
+        parser.error(f"--steps {args.steps}: at least {2 * CHECKPOINT_EVERY}, so that faults fall between checkpoints")
     work = Path(args.work or tempfile.mkdtemp(prefix="clmae-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     data = args.data
@@ -231,61 +356,46 @@ def main() -> int:
         f"train.stop_at_step={args.steps}",
         "train.log_every=1",
         f"train.max_rollbacks={args.faults}",
-        "checkpoint.every_steps=3",
+        f"checkpoint.every_steps={CHECKPOINT_EVERY}",
         "tracking.system_metrics=false",
         "tracking.mask_images_every_epochs=0",
     ]
-    # A first reference without skips gives the shard size for the disk-full fault and the uninterrupted time.
+    # A first short run gives the shard size for the disk-full fault.
     probe = work / "probe"
     shutil.rmtree(probe, ignore_errors=True)
-    print(f"soak: {args.faults} faults over {args.steps} steps, seed {args.seed}, in {work}")
-    start = time.perf_counter()
+    seeds = args.seeds if args.seeds is not None else [args.seed]
+    print(f"soak: {args.faults} faults over {args.steps} steps, seeds {seeds}, in {work}")
     codes = launch(probe, data, [*overrides, "train.stop_at_step=3"], [], "probe").wait(600)
     if codes != [0, 0]:
         raise SystemExit(f"the probe run failed: {codes}")
     args.fsize_limit = fsize_limit_for(probe)
 
-    run_dir = work / "soaked"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    faults, launches, soak_seconds = soak(args, run_dir, data, overrides)
+    if args.seeds is None:
+        result = soak_seed(args, args.seed, work, data, overrides)
+        report(result, work / f"soaked_seed{args.seed}")
+        return 1 if result.problems else 0
 
-    from clmae.checkpoint import read_client_state
-
-    state = read_client_state(newest_checkpoint(run_dir))
-    reference = work / "reference"
-    shutil.rmtree(reference, ignore_errors=True)
-    start = time.perf_counter()
-    skip = f"train.skip_steps={json.dumps(state.skip_steps)}"
-    codes = launch(reference, data, [*overrides, skip], [], "reference").wait(1800)
-    reference_seconds = time.perf_counter() - start
-    if codes != [0, 0]:
-        raise SystemExit(f"the reference run failed: {codes}")
-    problems = check(run_dir, reference, args.steps)
-
-    logs = "".join(p.read_text(errors="replace") for p in sorted(work.glob("soaked-*-rank0.log")))
-    seen = {
-        "rollbacks": len(re.findall(r"rollback \d+ of at most", logs)),
-        "resumes": logs.count("resumed from"),
-        "fall-backs to an older checkpoint": logs.count("falling back to the previous complete checkpoint"),
-        "failed saves": logs.count("could not be saved and was removed"),
-    }
-    counts = {kind: sum(f.kind == kind for f in faults) for kind in KINDS}
-    print("\nfaults:")
-    for fault in faults:
-        print(f"  step {fault.step:4d}  {fault.kind:15s} {fault.outcome}")
-    survived = len(faults) if not problems else 0
+    results, start = [], time.perf_counter()
+    for seed in seeds:
+        print(f"seed {seed}:")
+        result = soak_seed(args, seed, work, data, overrides)
+        results.append(result)
+        kinds = ", ".join(f.kind for f in result.injected)
+        verdict = "all survived" if not result.problems else "PROBLEM: " + "; ".join(result.problems)
+        print(
+            f"seed {seed}: {len(result.injected)} faults ({kinds}), {result.launches} launches, "
+            f"{result.soak_seconds:.0f} s (uninterrupted {result.reference_seconds:.0f} s): {verdict}"
+        )
+    print("\nsweep:")
+    for result in results:
+        verdict = "survived every fault" if not result.problems else "FAILED: " + "; ".join(result.problems)
+        print(f"  seed {result.seed:3d}: {len(result.injected):2d} faults, {result.launches:2d} launches: {verdict}")
+    survived = [r for r in results if not r.problems]
     print(
-        f"\nfaults injected: {len(faults)} ({', '.join(f'{v} {k}' for k, v in counts.items() if v)})\n"
-        f"faults survived: {survived}\n"
-        f"observed: {', '.join(f'{v} {k}' for k, v in seen.items())}; skipped steps {state.skip_steps}\n"
-        f"launches: {launches}; soaked run {soak_seconds:.0f} s vs uninterrupted {reference_seconds:.0f} s "
-        f"(overhead {soak_seconds - reference_seconds:+.0f} s, {soak_seconds / reference_seconds - 1:+.0%})\n"
-        f"data lost: {'none' if not problems else 'see below'} (final weights bitwise equal to the reference "
-        f"with the same skipped steps; one MLflow run; every step logged once)"
+        f"total: {len(results)} seeds, {sum(len(r.injected) for r in results)} faults injected, "
+        f"{len(survived)} of {len(results)} seeds survived every fault, {time.perf_counter() - start:.0f} s"
     )
-    for problem in problems:
-        print(f"PROBLEM: {problem}")
-    return 1 if problems else 0
+    return 0 if len(survived) == len(results) else 1
 
 
 if __name__ == "__main__":

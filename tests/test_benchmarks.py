@@ -117,3 +117,37 @@ def test_step_overhead_sees_deepspeeds_per_tensor_overflow_check(tmp_path):
     )
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "off target: vit_tiny MAE" in result.stdout and "ratio" in result.stdout
+
+
+def test_soak_places_each_kill_where_it_is_meant_to_land():
+    """benchmarks/soak.py's fault plan: the kill before the first checkpoint comes first, at step 2; the kill in
+    a save lands on a checkpoint step; the kill at the end on the last step; each of the two once per run."""
+    import random
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import soak
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    assert soak.parse_seeds("0-3") == [0, 1, 2, 3] and soak.parse_seeds("1,4,7-8") == [1, 4, 7, 8]
+    with pytest.raises(Exception, match="not a list like"):
+        soak.parse_seeds("a-b")
+    seen = set()
+    for seed in range(200):
+        faults = soak.draw_faults(random.Random(seed), 12, 40)
+        assert [f.step for f in faults] == sorted(f.step for f in faults)
+        kinds = [f.kind for f in faults]
+        assert kinds.count("kill_early") <= 1 and kinds.count("kill_at_end") <= 1
+        for fault in faults:
+            seen.add(fault.kind)
+            if fault.kind == "kill_early":
+                assert fault is faults[0] and fault.armed_by_env == "kill_all@2"
+            elif fault.kind == "kill_in_save":
+                assert fault.step % soak.CHECKPOINT_EVERY == 0 and fault.step <= 40
+                assert fault.armed_by_env == f"kill_all_in_save@{fault.step}"
+            elif fault.kind == "kill_at_end":
+                assert fault.step == 40 and fault.armed_by_env == "kill_before_save@40"
+            else:
+                assert 2 <= fault.step < 40 and fault.armed_by_env is None
+    assert seen == set(soak.KINDS)
