@@ -38,7 +38,7 @@ setup(
         "scipy>=1.10",  # reads SVHN's and Stanford Cars' .mat files (also a scikit-learn dependency)
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.6", "ruff>=0.6"],
     },
     entry_points={
         "console_scripts": [

@@ -8,6 +8,36 @@ import pytest
 
 from tests.slurm_cluster import LocalSlurmCluster, missing_binaries
 
+# --------------------------------------------------------------------------------------------------
+# Parallel runs (`make test`: pytest-xdist, one worker per core, --dist loadgroup): each test file is one
+# group, so that a module-scoped fixture is built once; files that share a session fixture form one group,
+# so that it is built on one worker only. The longest groups are queued first (durations on 2 cores).
+# --------------------------------------------------------------------------------------------------
+
+SHARED_FIXTURE_GROUPS = {
+    "test_slurm_scripts": "slurm",  # slurm_cluster: one private SLURM cluster
+    "test_dist_slurm": "slurm",
+    "test_install": "slurm",
+    "test_evaluate": "pretrained",  # pretrained_runs: two 2-rank pre-training runs
+    "test_export": "pretrained",
+    "test_viz": "pretrained",
+}
+LONGEST_FIRST = ("slurm", "test_train", "pretrained", "test_elastic")  # about 18, 17, 9 and 6 min
+
+
+def pytest_collection_modifyitems(config, items):
+    def group(item) -> str:
+        module = item.path.stem
+        return SHARED_FIXTURE_GROUPS.get(module, module)
+
+    def rank(item) -> int:
+        name = group(item)
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=rank)  # stable: collection order within a rank
+
 
 @pytest.fixture(autouse=True)
 def _restore_mlflow_tracking_uri():
