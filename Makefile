@@ -22,7 +22,7 @@ APT_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev slurmctld slurmd slur
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist). Half of a serial run's wall time is cores waiting (single-process tests,
 # SLURM jobs between requeues, watchdog timeouts): one worker per core fills it. tests/conftest.py keeps each
-# file's tests (and the files sharing an expensive fixture) on one worker, longest groups first.
+# file's tests (and the files sharing an expensive fixture) on one worker, longest first.
 TEST_WORKERS ?= $(shell nproc)
 
 VENV_ABS := $(abspath $(VENV))
@@ -86,7 +86,7 @@ lint: setup
 	shellcheck -x slurm/*.sh slurm/lib/*.sh
 
 test: setup lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The main job on the embedded default: digits -> CL-MAE pre-training on 2 CPU ranks -> export ->
 # few-shot probes and k-NN -> mask pictures -> summary. DEMO_ARGS go to pre-training (section.key=value).

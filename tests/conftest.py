@@ -9,9 +9,9 @@ import pytest
 from tests.slurm_cluster import LocalSlurmCluster, missing_binaries
 
 # --------------------------------------------------------------------------------------------------
-# Parallel runs (`make test`: pytest-xdist, one worker per core, --dist loadgroup): each test file is one
-# group, so that a module-scoped fixture is built once; files that share a session fixture form one group,
-# so that it is built on one worker only. The longest groups are queued first (durations on 2 cores).
+# Parallel runs (`make test`: pytest-xdist, one worker per core): each test file is one unit of work, so that a
+# module-scoped fixture is built once; files that share a session fixture form one unit, so that it is built on
+# one worker only. The longest units are queued first (their durations on 2 cores).
 # --------------------------------------------------------------------------------------------------
 
 SHARED_FIXTURE_GROUPS = {
@@ -25,18 +25,30 @@ SHARED_FIXTURE_GROUPS = {
 LONGEST_FIRST = ("slurm", "test_train", "pretrained", "test_elastic")  # about 18, 17, 9 and 6 min
 
 
+def work_unit(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return SHARED_FIXTURE_GROUPS.get(module, module)
+
+
 def pytest_collection_modifyitems(config, items):
-    def group(item) -> str:
-        module = item.path.stem
-        return SHARED_FIXTURE_GROUPS.get(module, module)
-
     def rank(item) -> int:
-        name = group(item)
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+        unit = work_unit(item.nodeid)
+        return LONGEST_FIRST.index(unit) if unit in LONGEST_FIRST else len(LONGEST_FIRST)
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
     items.sort(key=rank)  # stable: collection order within a rank
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduling with `work_unit` as the scope. (Its own `--dist loadgroup` marks groups by
+    rewriting node ids, which pytest 9 no longer allows.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the order above, longest first
+    return WorkUnitScheduling(config, log)
 
 
 @pytest.fixture(autouse=True)
