@@ -259,7 +259,7 @@ def roll_back(run: Setup, state: TrainState, window: MetricsWindow, non_finite: 
         run.engines = initial_engines(cfg, run.env, run.steps_per_epoch)
         position, source = (0, 0, 0), "rebuilt the initial state"
     else:
-        raise TrainingDiverged(f"{what}; no checkpoint of this run to roll back to (it resumed from another): stopping")
+        raise TrainingDiverged(f"{what}; no checkpoint verifies, and this start resumed from one: stopping")
     first, last = position[2] + 1, diverged + cfg.train.rollback_skip_margin
     record = {"step": diverged, "terms": non_finite, "from_step": position[2], "skipped": [first, last]}
     state.epoch, state.step_in_epoch, state.global_step = position
