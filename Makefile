@@ -20,10 +20,10 @@ SYSTEM_DEPS ?= 1
 APT_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev slurmctld slurmd slurm-client munge shellcheck numactl \
 	dataset-fashion-mnist
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist). Half of a serial run's wall time is cores waiting (single-process tests,
-# SLURM jobs between requeues, watchdog timeouts): one worker per core fills it. tests/conftest.py keeps each
-# file's tests (and the files sharing an expensive fixture) on one worker, longest first.
-TEST_WORKERS ?= $(shell nproc)
+# Test processes (pytest-xdist). A serial run leaves half of 2 cores idle, but two workers' 2-rank runs slow
+# each other about as much on 2 cores, so the default is serial; more cores gain more. tests/conftest.py
+# keeps each file's tests (and the files sharing an expensive fixture) on one worker, longest first.
+TEST_WORKERS ?= 1
 
 VENV_ABS := $(abspath $(VENV))
 BIN := $(VENV_ABS)/bin
