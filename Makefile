@@ -86,7 +86,7 @@ lint: setup
 	shellcheck -x slurm/*.sh slurm/lib/*.sh
 
 test: setup lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(PYTEST_ARGS)
 
 # The main job on the embedded default: digits -> CL-MAE pre-training on 2 CPU ranks -> export ->
 # few-shot probes and k-NN -> mask pictures -> summary. DEMO_ARGS go to pre-training (section.key=value).
