@@ -273,6 +273,7 @@ class SeedResult:
     soak_seconds: float
     reference_seconds: float
     problems: list[str]
+    skip_steps: list[int]  # what the soaked run recorded, and the reference was given
 
     @property
     def injected(self) -> list[Fault]:
@@ -297,14 +298,11 @@ def soak_seed(args, seed: int, work: Path, data: Path, overrides: list[str]) -> 
     if codes != [0, 0]:
         raise SystemExit(f"the reference run of seed {seed} failed: {codes}")
     problems = check(run_dir, reference, args.steps)
-    return SeedResult(seed, faults, launches, soak_seconds, reference_seconds, problems)
+    return SeedResult(seed, faults, launches, soak_seconds, reference_seconds, problems, state.skip_steps)
 
 
 def report(result: SeedResult, run_dir: Path) -> None:
     """The detailed report of one soak (the README's table row)."""
-    from clmae.checkpoint import read_client_state
-
-    state = read_client_state(newest_checkpoint(run_dir))
     logs = "".join(p.read_text(errors="replace") for p in sorted(run_dir.parent.glob(f"{run_dir.name}-*-rank0.log")))
     seen = {
         "rollbacks": len(re.findall(r"rollback \d+ of at most", logs)),
@@ -322,7 +320,7 @@ def report(result: SeedResult, run_dir: Path) -> None:
     print(
         f"\nfaults injected: {len(result.injected)} ({', '.join(f'{v} {k}' for k, v in counts.items() if v)})\n"
         f"faults survived: {survived}\n"
-        f"observed: {', '.join(f'{v} {k}' for k, v in seen.items())}; skipped steps {state.skip_steps}\n"
+        f"observed: {', '.join(f'{v} {k}' for k, v in seen.items())}; skipped steps {result.skip_steps}\n"
         f"launches: {result.launches}; soaked run {soak_s:.0f} s vs uninterrupted {reference_s:.0f} s "
         f"(overhead {soak_s - reference_s:+.0f} s, {soak_s / reference_s - 1:+.0%})\n"
         f"data lost: {'none' if not result.problems else 'see below'} (final weights bitwise equal to the reference "

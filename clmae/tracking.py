@@ -109,9 +109,10 @@ class Tracker:
             # GenAI by default, or from `?workflowType=machine_learning` in the address; other versions read this.)
             self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         if run_id is None:
-            run_id = self.run_id = self._adopt_recorded_run(cfg, run_dir)
-        if run_id is not None:
+            run_id = self.run_id = self._adopt_recorded_run(cfg, run_dir)  # looked up in this store already
+        else:
             self.client.get_run(run_id)  # fails loudly if the checkpoint's run is not in this store
+        if run_id is not None:
             history = self.client.get_metric_history(run_id, METRIC_FOR_LAST_STEP)
             self.last_logged_step = max((m.step for m in history), default=-1)
             mlflow.start_run(run_id=run_id, log_system_metrics=cfg.tracking.system_metrics)

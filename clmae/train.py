@@ -248,7 +248,8 @@ def roll_back(run: Setup, state: TrainState, window: MetricsWindow, non_finite: 
         engines = run.engines.as_dict()
         restored = checkpoint.load(good, engines, resharded=plan.resharded)  # weights, optimiser, LR schedule, RNG
         elastic.after_load(plan, engines, cfg.run.seed, run.env.rank, restored, run.steps_per_epoch)
-        position, source = (restored.epoch, restored.step_in_epoch, restored.global_step), f"restored {good.name}"
+        epoch, step_in_epoch, from_step = restored.epoch, restored.step_in_epoch, restored.global_step
+        source = f"restored {good.name}"
     elif run.started_fresh:
         # Before the first checkpoint: the run's initial state, which its seed determines. Rebuilt as set_up built
         # it (the old engines released first: two ZeRO engines of a large model need not fit at once).
@@ -257,12 +258,13 @@ def roll_back(run: Setup, state: TrainState, window: MetricsWindow, non_finite: 
         run.engines = None
         gc.collect()
         run.engines = initial_engines(cfg, run.env, run.steps_per_epoch)
-        position, source = (0, 0, 0), "rebuilt the initial state"
+        epoch, step_in_epoch, from_step = 0, 0, 0
+        source = "rebuilt the initial state"
     else:
         raise TrainingDiverged(f"{what}; no checkpoint verifies, and this start resumed from one: stopping")
-    first, last = position[2] + 1, diverged + cfg.train.rollback_skip_margin
-    record = {"step": diverged, "terms": non_finite, "from_step": position[2], "skipped": [first, last]}
-    state.epoch, state.step_in_epoch, state.global_step = position
+    first, last = from_step + 1, diverged + cfg.train.rollback_skip_margin
+    record = {"step": diverged, "terms": non_finite, "from_step": from_step, "skipped": [first, last]}
+    state.epoch, state.step_in_epoch, state.global_step = epoch, step_in_epoch, from_step
     state.skip_steps = sorted(set(state.skip_steps) | set(range(first, last + 1)))
     state.rollbacks = [*done, record]
     window.discard()

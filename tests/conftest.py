@@ -9,7 +9,7 @@ import pytest
 from tests.slurm_cluster import LocalSlurmCluster, missing_binaries
 
 # --------------------------------------------------------------------------------------------------
-# Parallel runs (`make test`: pytest-xdist, one worker per core): each test file is one unit of work, so that a
+# Parallel runs (`make test TEST_WORKERS=N`: pytest-xdist): each test file is one unit of work, so that a
 # module-scoped fixture is built once; files that share a session fixture form one unit, so that it is built on
 # one worker only. The longest units are queued first (their durations on 2 cores).
 # --------------------------------------------------------------------------------------------------
