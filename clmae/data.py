@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from numba import njit
 
 from clmae.bicubic import resize_crop_bicubic, scratch_bytes
 from clmae.errors import ClmaeError
@@ -90,6 +91,21 @@ with _keep_torch_threads():  # importing FFCV sets torch's thread count to 1
     from ffcv.pipeline.operation import Operation
     from ffcv.pipeline.state import State
     from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+# FFCV's Compiler.compile flags (the same machine code, so the same crops), plus numba's on-disk cache: the
+# per-image work is compiled once per machine instead of once per process (seconds at every launch).
+_FFCV_JIT = dict(fastmath=True, nogil=True, error_model="numpy")
+
+
+def _jit_cached(function):
+    return njit(cache=True, **_FFCV_JIT)(function)
+
+
+_random_crop, _center_crop = _jit_cached(get_random_crop), _jit_cached(get_center_crop)
+
+# The crops of the decoders, by _crop_box. One compiled function for all of them (rather than one handed
+# to each decoder's closure) has no closure, so numba caches it on disk like the functions it calls.
+RANDOM_RESIZED_CROP, CENTER_CROP, WHOLE_IMAGE, CENTER_PIXELS = range(4)
 
 CROP_ASPECT_RATIO = (3 / 4, 4 / 3)
 RECORD_SAMPLES_ENV = "CLMAE_RECORD_SAMPLES"  # a debug aid: see EpochLoader.iterate_epoch
@@ -173,12 +189,11 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
         super().__init__(output_size)
-        self.scale, self.ratio = np.array(scale), np.array(ratio)
+        self.scale, self.ratio = np.array(scale, dtype=np.float64), np.array(ratio, dtype=np.float64)
         self.flip_prob, self.seed, self.interpolation = flip_prob, seed, interpolation
 
-    @property
-    def get_crop_generator(self):
-        return get_random_crop
+    crop_kind = RANDOM_RESIZED_CROP  # what _crop_box draws, from self.scale and self.ratio
+    get_crop_generator = None  # FFCV's hook for its own decode, which generate_code replaces
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
         state, (output, decoded) = super().declare_state_and_memory(previous_state)
@@ -193,19 +208,13 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
         mem_read = self.memory_read
         parallel_range = Compiler.get_iterator()
         imdecode_c, resize_c = Compiler.compile(imdecode), _resize_function(self.interpolation)
-        get_crop_c, mirror_c, batch_key_c, image_seed_c = (
-            Compiler.compile(self.get_crop_generator),
-            Compiler.compile(_mirror),
-            Compiler.compile(_batch_key),
-            Compiler.compile(_image_seed),
-        )
-        scale, ratio, flip_prob, seed = self.scale, self.ratio, self.flip_prob, np.uint64(self.seed)
+        crop_kind, scale, ratio = self.crop_kind, self.scale, self.ratio
+        flip_prob, seed = self.flip_prob, np.uint64(self.seed)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage, scratch = my_storage
-            key = batch_key_c(seed, batch_indices)
+            key = _batch_key(seed, batch_indices)
             for dst_ix in parallel_range(len(batch_indices)):
-                np.random.seed(image_seed_c(key, dst_ix))  # numba's generator of this thread, for this image only
                 field = metadata[batch_indices[dst_ix]]
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
@@ -215,10 +224,10 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
                     temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
-                i, j, h, w = get_crop_c(height, width, scale, ratio)
+                i, j, h, w = _crop_box(crop_kind, height, width, _image_seed(key, dst_ix), scale, ratio)
                 resize_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix], scratch[dst_ix])
                 if np.random.rand() < flip_prob:
-                    mirror_c(destination[dst_ix])
+                    _mirror(destination[dst_ix])
             return destination[: len(batch_indices)]
 
         decode.is_parallel = True
@@ -231,18 +240,16 @@ class CenterCropDecoder(SeededRandomResizedCrop):
 
     def __init__(self, output_size, ratio: float, interpolation: str = "bicubic"):
         super().__init__(output_size, (1.0, 1.0), (1.0, 1.0), flip_prob=0.0, seed=0, interpolation=interpolation)
-        self.ratio = float(ratio)
+        self.ratio = np.array([ratio, ratio], dtype=np.float64)
 
-    @property
-    def get_crop_generator(self):
-        return get_center_crop
+    crop_kind = CENTER_CROP
 
 
 def _resize_function(interpolation: str):
     """A compiled `resize(source, row0, row1, col0, col1, destination, scratch)`: the crop of source
     (H, W, 3) resized into destination (h, w, 3)."""
     if interpolation == "bicubic":
-        return resize_crop_bicubic  # numba-compiled in clmae.bicubic, without fastmath (exact weights)
+        return resize_crop_bicubic  # numba-compiled (and cached) in clmae.bicubic, without fastmath (exact weights)
     resize_area = Compiler.compile(resize_crop)
 
     def resize(source, row0, row1, col0, col1, destination, scratch):
@@ -251,6 +258,7 @@ def _resize_function(interpolation: str):
     return Compiler.compile(resize)
 
 
+@_jit_cached
 def _batch_key(seed, batch_indices):
     """FNV-1a over the batch's sample ids: a 64-bit key that changes whenever the batch does."""
     key = np.uint64(0xCBF29CE484222325) ^ seed
@@ -259,11 +267,31 @@ def _batch_key(seed, batch_indices):
     return key
 
 
+@_jit_cached
 def _image_seed(key, position):
     """The uint32 seed (numba's np.random.seed takes no more) of the image at `position` in a batch."""
     return np.uint32((key + np.uint64(position) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32))
 
 
+@_jit_cached
+def _crop_box(kind, height, width, image_seed, scale, ratio):
+    """The crop (top, left, crop height, crop width) of a (height, width) image, drawn after seeding numba's
+    generator of this thread with image_seed, for this image only (the flip draws next from it).
+
+    RANDOM_RESIZED_CROP: FFCV's RandomResizedCrop, area fraction in scale (2,), aspect ratio in ratio (2,);
+    CENTER_CROP: FFCV's centre square of ratio[0] of the shorter side; WHOLE_IMAGE: the whole image;
+    CENTER_PIXELS: torchvision CenterCrop's box of side ratio[0] pixels."""
+    np.random.seed(image_seed)
+    if kind == RANDOM_RESIZED_CROP:
+        return _random_crop(height, width, scale, ratio)
+    if kind == CENTER_CROP:
+        return _center_crop(height, width, scale, ratio[0])
+    if kind == WHOLE_IMAGE:
+        return 0, 0, np.int64(height), np.int64(width)
+    return _center_pixels(height, width, scale, np.uint32(ratio[0]))
+
+
+@_jit_cached
 def _mirror(image):
     """Flip (H, W, 3) left-right in place."""
     height, width = image.shape[0], image.shape[1]
@@ -334,10 +362,7 @@ class EvalTransform:
         return CenterCropDecoder((size, size), ratio=self.crop_ratio, interpolation=interpolation)
 
 
-def _whole_image(height, width, _, __):
-    return 0, 0, height, width
-
-
+@_jit_cached
 def _center_pixels(height, width, _, size):
     """torchvision CenterCrop's box: top = round((H - size) / 2), rounding half to even as Python's round."""
     crop_h, crop_w = min(size, height), min(size, width)
@@ -353,20 +378,15 @@ class _WholeImageDecoder(CenterCropDecoder):
     def __init__(self, output_size, interpolation: str):
         super().__init__(output_size, ratio=1.0, interpolation=interpolation)
 
-    @property
-    def get_crop_generator(self):
-        return _whole_image
+    crop_kind = WHOLE_IMAGE
 
 
 class _CenterPixelsDecoder(CenterCropDecoder):
-    # The crop generator's last argument is the decoder's `ratio`: here the crop's side in pixels.
     def __init__(self, output_size, crop_pixels: int, interpolation: str):
         super().__init__(output_size, ratio=1.0, interpolation=interpolation)
-        self.ratio = np.uint32(crop_pixels)
+        self.ratio = np.array([crop_pixels, crop_pixels], dtype=np.float64)  # _crop_box's ratio[0]: the side
 
-    @property
-    def get_crop_generator(self):
-        return _center_pixels
+    crop_kind = CENTER_PIXELS
 
 
 class _NormalizeToCHW(Operation):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 
-import numba
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -46,7 +45,6 @@ from data_prep.writer import write_files
 
 SIZE, BATCH = 48, 8
 PHOTO_SIDES = [(64, 48), (97, 131), (200, 150), (333, 250), (150, 40), (45, 180)]  # (width, height)
-batch_key, image_seed = numba.njit(_batch_key), numba.njit(_image_seed)
 
 
 def photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -133,9 +131,9 @@ def pretrain_pairs(cfg, stored, epochs=(0, 1)):
         order = loader.epoch_indices(epoch)
         for b, (images, _) in enumerate(loader.iterate_epoch(epoch)):
             ids = order[b * BATCH : (b + 1) * BATCH]
-            key = batch_key(np.uint64(cfg.run.seed), ids)
+            key = _batch_key(np.uint64(cfg.run.seed), ids)
             for position, (out, sample) in enumerate(zip(to_uint8(images), ids, strict=True)):
-                np.random.seed(int(image_seed(np.uint64(key), position)))  # as the decoder seeds numba's generator
+                np.random.seed(int(_image_seed(np.uint64(key), position)))  # as the decoder seeds numba's generator
                 source = stored[sample]
                 box = get_random_crop(source.shape[0], source.shape[1], scale, ratio)
                 pairs.append((out, box, source, np.random.rand() < 0.5))
