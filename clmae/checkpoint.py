@@ -46,7 +46,7 @@ import torch
 import torch.distributed as tdist
 
 from clmae import faults
-from clmae.config import Config, ConfigError, flatten
+from clmae.config import Config, ConfigError, flatten, upgrade_saved
 from clmae.errors import ClmaeError
 from clmae.files import write_atomic
 
@@ -99,7 +99,7 @@ class ClientState:
     world_size: int
     mlflow_run_id: str | None
     config: dict[str, Any]
-    curriculum_lambda: float | None = None  # for humans reading the file; recomputed on resume
+    curriculum_lambda: float | None = None  # of the last step trained; for humans reading the file
     skip_steps: list[int] = field(default_factory=list)  # global steps not trained on (train.skip_steps + rollbacks)
     rollbacks: list[dict[str, Any]] = field(default_factory=list)  # {"step", "terms", "from_step", "skipped"}
 
@@ -522,7 +522,7 @@ def check_compatible(saved: ClientState, cfg: Config, path: Path) -> None:
     """Refuse a checkpoint that belongs to a different model or recipe: resuming it would silently
     train something else. Keys in RESUME_MUTABLE_PREFIXES may change; the world size and the global
     batch are clmae.elastic.plan_resume's to judge."""
-    saved_flat = flatten(saved.config)
+    saved_flat = flatten(upgrade_saved(saved.config))
     current = cfg.flat()
     differing = [
         f"{key}: checkpoint {saved_flat.get(key)!r} != now {current.get(key)!r}"

@@ -26,7 +26,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from clmae.curriculum import CURRICULUM_SCHEDULES
+from clmae.curriculum import CURRICULUM_GRANULARITIES, CURRICULUM_SCHEDULES
 from clmae.errors import ClmaeError
 from clmae.specs import MODEL_NAMES
 
@@ -36,6 +36,28 @@ DEFAULTS_NAME = "defaults"
 
 class ConfigError(ClmaeError, ValueError):
     """A config file, key or value is invalid; the message names the key."""
+
+
+# Keys that were renamed: a config that still uses one is told what to write instead.
+RENAMED_KEYS = {
+    "curriculum.smooth": "'curriculum.granularity' (smooth: true is granularity: step; false is granularity: epoch)",
+}
+# Keys added since a checkpoint may have been written, at the value that does what clmae did before them.
+ADDED_KEYS = {"masking.cmm_every": 1, "masking.cmm_batch_fraction": 1.0}
+
+
+def upgrade_saved(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict that an earlier clmae saved (in a checkpoint), in today's keys: renamed keys mapped, added
+    keys at the value that behaves as before. A run resumes, and a checkpoint exports, across an upgrade."""
+    config = {section: dict(value) if isinstance(value, dict) else value for section, value in config.items()}
+    curriculum = config.get("curriculum")
+    if isinstance(curriculum, dict) and "smooth" in curriculum:
+        curriculum["granularity"] = "step" if curriculum.pop("smooth") else "epoch"
+    for key, value in ADDED_KEYS.items():
+        section, name = key.split(".")
+        if isinstance(config.get(section), dict):
+            config[section].setdefault(name, value)
+    return config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,6 +94,8 @@ class MaskingConfig:
     mode: str  # a registered strategy or `package.module:ClassName` (clmae/masking.py checks it)
     cmm_depth: int
     cmm_heads: int
+    cmm_every: int  # the strategy's own step (the CMM's) on one iteration in cmm_every
+    cmm_batch_fraction: float  # ... on this fraction of each micro-batch (its first images)
 
 
 @dataclass
@@ -89,7 +113,7 @@ class LossConfig:
 @dataclass
 class CurriculumConfig:
     schedule: Literal[CURRICULUM_SCHEDULES]
-    smooth: bool
+    granularity: Literal[CURRICULUM_GRANULARITIES]
 
 
 @dataclass
@@ -197,6 +221,8 @@ _RANGE_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.img_size": (lambda v: v is None or v > 0, "a positive int or null"),
     "masking.cmm_depth": (lambda v: v >= 1, ">= 1"),
     "masking.cmm_heads": (lambda v: v >= 1, ">= 1"),
+    "masking.cmm_every": (lambda v: v >= 1, ">= 1"),
+    "masking.cmm_batch_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "loss.gauss_sigma": (lambda v: v > 0, "> 0"),
     "loss.w_gauss": (lambda v: v >= 0, ">= 0"),
     "loss.w_kl": (lambda v: v >= 0, ">= 0"),
@@ -377,6 +403,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in data:
+        if f"{prefix}{key}" in RENAMED_KEYS:
+            raise ConfigError(f"config key '{prefix}{key}' is now {RENAMED_KEYS[f'{prefix}{key}']}")
         if key not in fields:
             candidates = [f"{prefix}{name}" for name in fields]
             close = difflib.get_close_matches(f"{prefix}{key}", candidates, n=1, cutoff=0.6)

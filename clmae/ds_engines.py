@@ -114,7 +114,7 @@ class WarmupCosine:
     makes a resumed run's learning rates identical to an uninterrupted run's.
     """
 
-    def __init__(self, peak: float, min_lr: float, warmup_epochs: float, epochs: int, steps_per_epoch: int):
+    def __init__(self, peak: float, min_lr: float, warmup_epochs: float, epochs: int, steps_per_epoch: float):
         self.peak = peak
         self.min_lr = min_lr
         self.warmup_epochs = warmup_epochs
@@ -156,7 +156,7 @@ class Engines:
 
 
 def _initialize(
-    module: nn.Module, opt: OptimConfig, cfg: Config, world_size: int, steps_per_epoch: int, load_universal: bool
+    module: nn.Module, opt: OptimConfig, cfg: Config, world_size: int, steps_per_epoch: float, load_universal: bool
 ):
     import deepspeed
 
@@ -246,8 +246,11 @@ def build_engines(
     mae_engine, ds_config = _initialize(mae, cfg.optim, cfg, world_size, steps_per_epoch, load_universal)
     masking = {}
     if module is not None:
+        # The module steps on one iteration in masking.cmm_every: its schedule counts its own steps, so that
+        # its learning rate follows the same line over the epochs as the MAE's.
+        masking_steps_per_epoch = steps_per_epoch / cfg.masking.cmm_every
         masking[strategy.module_name], _ = _initialize(
-            module, strategy.optim_config(), cfg, world_size, steps_per_epoch, load_universal
+            module, strategy.optim_config(), cfg, world_size, masking_steps_per_epoch, load_universal
         )
     return Engines(
         mae=mae_engine,

@@ -103,7 +103,8 @@ def kl_weight_warning(cfg: LossConfig, batch_per_rank: int) -> str | None:
     Summed over the rank's images (the reference's rule), L_KL grows with the per-rank batch while the other
     terms are means: w_kl set for `kl_reference_batch` images means batch / reference times that weight at
     another batch (fewer GPUs with accumulation, less memory). Each micro-batch is summed on its own, so the
-    batch that counts is data.batch_size, whatever train.accum_steps.
+    batch that counts is the images of one micro-batch that the CMM step uses: data.batch_size, times
+    masking.cmm_batch_fraction, whatever train.accum_steps.
     """
     reference = cfg.kl_reference_batch
     if cfg.kl_reduction != "sum" or reference is None or batch_per_rank == reference or cfg.w_kl == 0:
@@ -111,7 +112,8 @@ def kl_weight_warning(cfg: LossConfig, batch_per_rank: int) -> str | None:
     keep = cfg.w_kl * reference / batch_per_rank
     return (
         f"loss.kl_reduction=sum: L_KL is summed over the {batch_per_rank} images of each rank's micro-batch "
-        f"(data.batch_size), but loss.w_kl={cfg.w_kl:g} is declared for {reference} (loss.kl_reference_batch), "
+        f"(data.batch_size x masking.cmm_batch_fraction), but loss.w_kl={cfg.w_kl:g} is declared for {reference} "
+        "(loss.kl_reference_batch), "
         f"so L_KL weighs {batch_per_rank / reference:.3g}x what the recipe intends. To keep its weight, set "
         f"loss.w_kl={keep:.4g} loss.kl_reference_batch={batch_per_rank} "
         f"(or loss.kl_reduction=mean loss.w_kl={cfg.w_kl * reference:.4g})."

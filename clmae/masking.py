@@ -9,6 +9,8 @@ A strategy (a `MaskingStrategy` subclass) says
   (B, L, D) to keep scores (B, L), high = keep visible. The MAE keeps the top k = int(L * (1 - r)) of each
   image and calls the scorer under no_grad; None is MAE's own uniform noise;
 - whether and how it takes its own optimisation step (`step`), after the MAE's, on the same micro-batches;
+  `masking.cmm_every` and `masking.cmm_batch_fraction` make that step cheaper, for any strategy
+  (`masking_step_due`, `masking_images`): one iteration in k, on the first images of each micro-batch;
 - what it logs: `step` returns its metrics (named "<module_name>/<term>"), `report` adds to the console line.
 
 `masking.mode` names the strategy: a registered name (`STRATEGIES`), or `package.module:ClassName` of a
@@ -147,6 +149,25 @@ def strategy_class(mode: str) -> type[MaskingStrategy]:
     return found
 
 
+def masking_step_due(cfg: Config, global_step: int) -> bool:
+    """Whether the strategy takes its own step on iteration `global_step` (1-based): the first, then one in
+    masking.cmm_every. A pure function of the step, so a resumed run steps on the same iterations."""
+    return (global_step - 1) % cfg.masking.cmm_every == 0
+
+
+def masking_batch_size(cfg: Config, batch: int) -> int:
+    """How many images of a micro-batch of `batch` the strategy's step uses: masking.cmm_batch_fraction of them,
+    rounded half up, at least one."""
+    return max(1, min(batch, int(cfg.masking.cmm_batch_fraction * batch + 0.5)))
+
+
+def masking_images(cfg: Config, images: Tensor) -> Tensor:
+    """images (B, 3, H, W) -> the first masking_batch_size(cfg, B) of them: what the strategy's step trains on.
+    The first, not a random draw: the crops are already random, and the choice needs no RNG."""
+    count = masking_batch_size(cfg, len(images))
+    return images if count == len(images) else images[:count]
+
+
 def build_strategy(cfg: Config) -> MaskingStrategy:
     return strategy_class(cfg.masking.mode)(cfg)
 
@@ -161,12 +182,13 @@ def build_models(cfg: Config) -> tuple[nn.Module, nn.Module | None]:
 
 
 def iteration_flops(cfg: Config) -> dict[str, float]:
-    """Training FLOPs (forward + backward) per image of each step: {"mae": ..., "cmm": ...}.
+    """Training FLOPs (forward + backward) per image of each step, averaged over iterations: {"mae": ..., "cmm": ...}.
 
     Counted, not estimated: the steps run once on a meta-device copy of the models, the same code as
     training, with no memory and no compute. The MAE step includes the scorer's no-grad forward; "cmm" is the
-    masking strategy's own step (0 for plain MAE, masking.mode: random). The optimiser's element-wise work is
-    not included.
+    masking strategy's own step (0 for plain MAE, masking.mode: random), times the share of a micro-batch it
+    uses (masking.cmm_batch_fraction of data.batch_size) over masking.cmm_every: per image of the batch,
+    per iteration. The optimiser's element-wise work is not included.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -181,4 +203,6 @@ def iteration_flops(cfg: Config) -> dict[str, float]:
     with FlopCounterMode(display=False) as counter:
         loss, _ = mae_step(mae, strategy.scorer(module), images, cfg)
         loss.backward()
-    return {"mae": float(counter.get_total_flops()), "cmm": strategy.step_flops(mae, module, images)}
+    batch = cfg.data.batch_size
+    share = masking_batch_size(cfg, batch) / batch / cfg.masking.cmm_every
+    return {"mae": float(counter.get_total_flops()), "cmm": strategy.step_flops(mae, module, images) * share}

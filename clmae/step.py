@@ -10,7 +10,7 @@ import time
 import torch
 
 from clmae.ds_engines import Engines
-from clmae.masking import accumulate
+from clmae.masking import accumulate, masking_images
 from clmae.method import mae_step
 
 
@@ -21,6 +21,7 @@ def optimizer_step(
     cfg,
     timer: StepTimer | None = None,
     poison_mae_loss: bool = False,
+    masking_step: bool = True,
 ) -> dict[str, torch.Tensor]:
     """One optimiser step of each engine on the same images; returns the metrics ({"mae/loss"} and the
     masking strategy's, e.g. {"cmm/<term>"}), detached, averaged over the micro-batches, and each engine's
@@ -31,7 +32,9 @@ def optimizer_step(
     updated MAE and steps): the same order as one large batch. (Interleaving the two per micro-batch would
     let the first CMM micro-steps see the MAE from before its update and the last one after it.)
     lam: the curriculum factor of this step. poison_mae_loss: make the MAE loss NaN (fault injection for
-    the NaN guard's test, clmae/faults.py).
+    the NaN guard's test, clmae/faults.py). masking_step: whether the masking strategy takes its step on this
+    iteration (clmae.masking.masking_step_due); when it does, on masking.cmm_batch_fraction of each
+    micro-batch. Without it, the strategy's metrics and gradient norm are absent from the result.
     """
     totals: dict[str, torch.Tensor] = {}
     scorer = engines.strategy.scorer(engines.masking_module)
@@ -48,10 +51,12 @@ def optimizer_step(
         accumulate(totals, {"mae/loss": mae_loss}, len(micro_batches))
     if timer is not None:
         timer.mae_done()
-    totals.update(engines.strategy.step(engines, micro_batches, lam))
+    if masking_step:
+        totals.update(engines.strategy.step(engines, [masking_images(cfg, images) for images in micro_batches], lam))
     if timer is not None:
         timer.cmm_done()
-    for name, engine in engines.as_dict().items():
+    stepped = engines.as_dict() if masking_step else {"mae": engines.mae}
+    for name, engine in stepped.items():
         norm = grad_norm(engine, device=totals["mae/loss"].device)
         if norm is not None:
             totals[f"grad_norm/{name}"] = norm

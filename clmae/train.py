@@ -164,6 +164,7 @@ def train_one_epoch(run: Setup, state: TrainState, window: MetricsWindow) -> int
     import torch
 
     from clmae import dist, faults
+    from clmae.masking import masking_step_due
     from clmae.step import optimizer_step
 
     cfg, env, accum = run.cfg, run.env, run.cfg.train.accum_steps
@@ -173,7 +174,7 @@ def train_one_epoch(run: Setup, state: TrainState, window: MetricsWindow) -> int
     steps = range(state.step_in_epoch, run.steps_per_epoch)
     progress = dist.progress(steps, total=run.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch}")
     for _ in progress:
-        lam = curriculum_lambda(cfg, state, run.steps_per_epoch)
+        lam = curriculum_lambda(cfg, state.epoch, state.step_in_epoch / run.steps_per_epoch)
         # fp32 images: the MAE casts them to its dtype for the forward; the pixel targets stay fp32. On CPU a
         # batch is a view into FFCV's ring buffer, which the prefetcher refills: micro-batches held while the
         # next ones are read must be copies (a view-only .to() is free when nothing is held).
@@ -182,7 +183,10 @@ def train_one_epoch(run: Setup, state: TrainState, window: MetricsWindow) -> int
         if state.global_step + 1 not in state.skip_steps:
             poison = faults.at_step(env.rank, env.world_size, state.global_step + 1)
             started = time.perf_counter()
-            metrics = optimizer_step(run.engines, micro_batches, lam, cfg, window.timer, poison_mae_loss=poison)
+            due = masking_step_due(cfg, state.global_step + 1)
+            metrics = optimizer_step(
+                run.engines, micro_batches, lam, cfg, window.timer, poison_mae_loss=poison, masking_step=due
+            )
             if cfg.train.compile and not run.compiled:
                 run.compiled = True  # the first step of this process compiles the blocks
                 dist.log(f"train.compile: the first step compiled the blocks in {time.perf_counter() - started:.1f} s")
@@ -278,16 +282,26 @@ def roll_back(run: Setup, state: TrainState, window: MetricsWindow, non_finite: 
 # ---- the loop's decisions ----------------------------------------------------------------------------
 
 
-def curriculum_lambda(cfg, state: TrainState, steps_per_epoch: int) -> float:
+def curriculum_lambda(cfg, epoch: int, epoch_fraction: float = 0.0) -> float:
+    """lambda at a training position, with the run's curriculum.schedule and curriculum.granularity."""
     from clmae.curriculum import curriculum_factor
 
     return curriculum_factor(
-        state.epoch,
+        epoch,
         cfg.train.epochs,
-        state.step_in_epoch / steps_per_epoch,
+        epoch_fraction,
         schedule=cfg.curriculum.schedule,
-        smooth=cfg.curriculum.smooth,
+        granularity=cfg.curriculum.granularity,
     )
+
+
+def last_lambda(cfg, state: TrainState, steps_per_epoch: int) -> float | None:
+    """The lambda of the last step trained before `state`'s position (None before the first)."""
+    if state.global_step == 0:
+        return None
+    if state.step_in_epoch == 0:
+        return curriculum_lambda(cfg, state.epoch - 1, (steps_per_epoch - 1) / steps_per_epoch)
+    return curriculum_lambda(cfg, state.epoch, (state.step_in_epoch - 1) / steps_per_epoch)
 
 
 def agree(metrics: dict, stop_requested: bool, device: str = "cpu") -> tuple[list[str], bool]:
@@ -344,12 +358,14 @@ class MetricsWindow:
 
     def _reset(self) -> None:
         self.sums: dict = {}
+        self.counts: dict[str, int] = {}  # steps that gave each metric (the CMM's: masking.cmm_every)
         self.steps = 0
         self.start = time.perf_counter()
 
     def add(self, metrics: dict) -> None:
         for name, value in metrics.items():
             self.sums[name] = self.sums.get(name, 0) + value.float()
+            self.counts[name] = self.counts.get(name, 0) + 1
         self.steps += 1
 
     def report(self, run: Setup, state: TrainState) -> dict[str, float]:
@@ -359,7 +375,7 @@ class MetricsWindow:
         import torch.distributed as tdist
 
         names = sorted(self.sums)
-        summed = torch.stack([self.sums[n] for n in names]) / self.steps
+        summed = torch.stack([self.sums[n] / self.counts[n] for n in names])
         tdist.all_reduce(summed)
         world, engines = run.env.world_size, run.engines
         report = dict(zip(names, (summed / world).tolist(), strict=True))
@@ -381,10 +397,8 @@ class MetricsWindow:
 def save(run: Setup, state: TrainState, reason: str) -> None:
     """A checkpoint of every engine and of `state` (collective: every rank calls it)."""
     from clmae import checkpoint, dist
-    from clmae.curriculum import curriculum_factor
 
     cfg = run.cfg
-    lam = curriculum_factor(min(state.epoch, cfg.train.epochs - 1), cfg.train.epochs, schedule=cfg.curriculum.schedule)
     client = checkpoint.ClientState(
         epoch=state.epoch,
         step_in_epoch=state.step_in_epoch,
@@ -392,7 +406,7 @@ def save(run: Setup, state: TrainState, reason: str) -> None:
         world_size=run.env.world_size,
         mlflow_run_id=run.tracker.run_id,
         config=cfg.to_dict(),
-        curriculum_lambda=lam,
+        curriculum_lambda=last_lambda(cfg, state, run.steps_per_epoch),
         skip_steps=state.skip_steps,
         rollbacks=state.rollbacks,
     )
@@ -407,14 +421,11 @@ def record_curriculum(run: Setup, state: TrainState) -> None:
     pruning never touches (clmae-viz curriculum draws it). Collective under ZeRO-3: every rank calls it."""
     import torch
 
-    from clmae.curriculum import curriculum_factor
     from clmae.viz import curriculum_label, label_band, mask_statistics, render_masks, save_curriculum_snapshot
 
     cfg, engines = run.cfg, run.engines
     scorer = engines.strategy.scorer(engines.masking_module)
-    lam = None
-    if state.epoch > 0:
-        lam = curriculum_factor(state.epoch - 1, cfg.train.epochs, schedule=cfg.curriculum.schedule)
+    lam = last_lambda(cfg, state, run.steps_per_epoch)
     # A picture draws masks (random ones, or the tie-break's order): from a forked RNG, so that training does not
     # depend on whether or how often pictures are taken.
     devices = [torch.device(run.env.device)] if run.env.device.startswith("cuda") else []
@@ -474,8 +485,9 @@ def set_up(cfg, env) -> tuple[Setup, TrainState]:
     tracker = _start_tracking(cfg, env, run_dir, engines, steps_per_epoch, run_id)
     if engines.masking_module is not None:
         from clmae.losses import kl_weight_warning
+        from clmae.masking import masking_batch_size
 
-        warning = kl_weight_warning(cfg.loss, cfg.data.batch_size)
+        warning = kl_weight_warning(cfg.loss, masking_batch_size(cfg, cfg.data.batch_size))
         if warning:
             dist.log(f"warning: {warning}")
     if plan is not None:
@@ -536,12 +548,30 @@ def _start_tracking(cfg, env, run_dir: Path, engines, steps_per_epoch: int, run_
             tracker.log_artifact(config_path)
             tracker.log_artifact(_write_json(run_dir / "ds_config.json", engines.ds_config))
     dist.log(
-        f"{cfg.model.name} ({cfg.masking.mode} masking), {env.world_size} ranks ({env.launcher}, {env.backend}), "
+        f"{cfg.model.name} ({cfg.masking.mode} masking{_masking_note(cfg, engines)}), "
+        f"{env.world_size} ranks ({env.launcher}, {env.backend}), "
         f"global batch {engines.global_batch}, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, "
         f"run directory {run_dir.resolve()}, "
         + (f"MLflow {redact_uri(tracker.uri)} run {tracker.run_id}{tracker.note}" if tracker.active else "MLflow off")
     )
     return tracker
+
+
+def _masking_note(cfg, engines) -> str:
+    """What the start line says of the cheaper curriculum's settings; "" with the paper's (the defaults)."""
+    from clmae.masking import masking_batch_size
+
+    if not engines.masking:
+        return ""
+    parts = []
+    if cfg.masking.cmm_every > 1:
+        parts.append(f"its step on 1 iteration in {cfg.masking.cmm_every}")
+    used = masking_batch_size(cfg, cfg.data.batch_size)
+    if used < cfg.data.batch_size:
+        parts.append(f"on {used} of {cfg.data.batch_size} images per micro-batch")
+    if cfg.curriculum.granularity == "step":
+        parts.append("lambda per step")
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def _mask_picture_images(cfg, device):
@@ -557,7 +587,10 @@ def _mask_picture_images(cfg, device):
 
 
 def _format_report(step: int, epoch: int, report: dict[str, float], strategy) -> str:
-    parts = [f"step {step} (epoch {epoch})", f"mae {report['mae/loss']:.4f}", *strategy.report(report)]
+    parts = [f"step {step} (epoch {epoch})", f"mae {report['mae/loss']:.4f}"]
+    # A window without the strategy's step (masking.cmm_every > log_every) has none of its metrics to show.
+    if any(name.startswith(f"{strategy.module_name}/") for name in report):
+        parts += strategy.report(report)
     parts.append(f"lr {report['lr/mae']:.2e}")
     parts.append(f"{report['perf/images_per_s']:.1f} img/s")
     parts.append(f"{report['perf/mae_tflops']:.2f} TFLOP/s (MAE step)")

@@ -70,11 +70,11 @@ def complete_step_dirs(run_dir: str | os.PathLike) -> list[Path]:
 
 def checkpoint_config(step_dir: Path) -> Config:
     """The full config the checkpoint was trained with (saved in its client state)."""
-    from clmae.config import CONFIG_DIR, DEFAULTS_NAME, deep_merge, read_yaml
+    from clmae.config import CONFIG_DIR, DEFAULTS_NAME, deep_merge, read_yaml, upgrade_saved
 
     try:  # over the defaults: keys added to clmae after the checkpoint was written take their default
         defaults = read_yaml(CONFIG_DIR / f"{DEFAULTS_NAME}.yaml")
-        return build_config(deep_merge(defaults, read_client_state(step_dir).config))
+        return build_config(deep_merge(defaults, upgrade_saved(read_client_state(step_dir).config)))
     except ConfigError as err:
         raise CheckpointError(f"{step_dir}: its saved config is not valid for this version of clmae: {err}") from err
 

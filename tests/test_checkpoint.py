@@ -3,6 +3,7 @@ formats users bring to checkpoint.init_from are tested in tests/test_weights.py)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -185,3 +186,30 @@ def test_a_checkpoint_from_before_manifests_is_accepted_unverified(tmp_path):
 
     report = verify_checkpoint(fake_checkpoint(tmp_path, 3))
     assert not report.verified and report.files == 0
+
+
+def test_a_checkpoint_from_before_the_cheaper_curriculum_keys_resumes_as_it_trained(tmp_path):
+    """A checkpoint whose config has curriculum.smooth and none of masking.cmm_every / cmm_batch_fraction (as
+    clmae wrote them before those keys) resumes under today's equivalent config, and only under it."""
+    from clmae.checkpoint import ClientState, check_compatible
+    from clmae.config import ConfigError
+    from clmae.weights import checkpoint_config
+
+    def written_before(smooth: bool) -> ClientState:
+        config = load_config("tiny_digits").to_dict()
+        del config["masking"]["cmm_every"], config["masking"]["cmm_batch_fraction"]
+        del config["curriculum"]["granularity"]
+        config["curriculum"]["smooth"] = smooth
+        return ClientState(epoch=0, step_in_epoch=3, global_step=3, world_size=2, mlflow_run_id=None, config=config)
+
+    check_compatible(written_before(False), load_config("tiny_digits"), tmp_path)
+    check_compatible(written_before(True), load_config("tiny_digits", ["curriculum.granularity=step"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"curriculum.granularity: checkpoint 'step' != now 'epoch'"):
+        check_compatible(written_before(True), load_config("tiny_digits"), tmp_path)
+    with pytest.raises(ConfigError, match=r"masking.cmm_every: checkpoint 1 != now 2"):
+        check_compatible(written_before(False), load_config("tiny_digits", ["masking.cmm_every=2"]), tmp_path)
+    # clmae-export and clmae-eval read the same checkpoint's config as it trained.
+    step_dir = fake_checkpoint(tmp_path, 3)
+    (step_dir / "client_state.json").write_text(json.dumps(dataclasses.asdict(written_before(True))))
+    saved = checkpoint_config(step_dir)
+    assert (saved.curriculum.granularity, saved.masking.cmm_every, saved.masking.cmm_batch_fraction) == ("step", 1, 1.0)

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from clmae.config import CURRICULUM_SCHEDULES, load_config
+from clmae.config import CURRICULUM_SCHEDULES, ConfigError, load_config
 from clmae.curriculum import curriculum_factor
 
 E = 200
@@ -41,35 +41,35 @@ def test_hard_to_easy_is_the_reverse():
 
 
 @pytest.mark.parametrize(("schedule", "value"), [("partner", 1.0), ("neutral", 0.0), ("adversary", -1.0)])
-@pytest.mark.parametrize("smooth", [False, True])
-def test_constant_schedules(schedule, value, smooth):
+@pytest.mark.parametrize("granularity", ["epoch", "step"])
+def test_constant_schedules(schedule, value, granularity):
     for epoch, fraction in [(0, 0.0), (57, 0.3), (E - 1, 0.99)]:
-        assert curriculum_factor(epoch, E, fraction, schedule=schedule, smooth=smooth) == value
+        assert curriculum_factor(epoch, E, fraction, schedule=schedule, granularity=granularity) == value
 
 
-def test_smooth_is_linear_in_training_progress():
+def test_per_step_granularity_is_linear_in_training_progress():
     iters = 50
-    values = [curriculum_factor(e, 4, i / iters, smooth=True) for e in range(4) for i in range(iters)]
+    values = [curriculum_factor(e, 4, i / iters, granularity="step") for e in range(4) for i in range(iters)]
     assert values[0] == 1.0
     assert values[2 * iters] == pytest.approx(0.0)
     assert values[-1] == pytest.approx(-1 + 2 / (4 * iters))
     steps = [b - a for a, b in itertools.pairwise(values)]
     assert steps == pytest.approx([-2 / (4 * iters)] * len(steps))
     # At epoch starts of the first half it agrees with the per-epoch reference.
-    assert curriculum_factor(1, 4, 0.0, smooth=True) == curriculum_factor(1, 4)
+    assert curriculum_factor(1, 4, 0.0, granularity="step") == curriculum_factor(1, 4)
 
 
-def test_smooth_hard_to_easy_mirrors_easy_to_hard():
+def test_per_step_hard_to_easy_mirrors_easy_to_hard():
     for epoch, fraction in [(0, 0.0), (3, 0.25), (7, 0.5)]:
-        forward = curriculum_factor(epoch, 8, fraction, smooth=True)
-        assert curriculum_factor(epoch, 8, fraction, schedule="hard_to_easy", smooth=True) == -forward
+        forward = curriculum_factor(epoch, 8, fraction, granularity="step")
+        assert curriculum_factor(epoch, 8, fraction, schedule="hard_to_easy", granularity="step") == -forward
 
 
 def test_every_configured_schedule_is_implemented_and_default_is_reference():
     for schedule in CURRICULUM_SCHEDULES:
         curriculum_factor(0, 10, schedule=schedule)
     cfg = load_config(None)
-    assert (cfg.curriculum.schedule, cfg.curriculum.smooth) == ("easy_to_hard", False)
+    assert (cfg.curriculum.schedule, cfg.curriculum.granularity) == ("easy_to_hard", "epoch")
 
 
 @pytest.mark.parametrize(
@@ -80,3 +80,12 @@ def test_every_configured_schedule_is_implemented_and_default_is_reference():
 def test_invalid_arguments_raise(epoch, total, fraction, schedule):
     with pytest.raises(ValueError):
         curriculum_factor(epoch, total, fraction, schedule=schedule)
+
+
+def test_the_renamed_smooth_key_says_what_to_write_instead():
+    with pytest.raises(
+        ConfigError, match=r"'curriculum.smooth' is now 'curriculum.granularity' \(smooth: true is granularity: step"
+    ):
+        load_config(None, ["curriculum.smooth=true"])
+    with pytest.raises(ConfigError, match=r"config key 'curriculum.granularity'.*'epoch', 'step'"):
+        load_config(None, ["curriculum.granularity=iteration"])

@@ -28,7 +28,14 @@ from clmae.ds_engines import (
 )
 from clmae.masking import build_models
 from clmae.method import cmm_step, mae_step
-from tests.workers.ds_engines_worker import ACCUM_STEPS, PER_RANK_BATCH, STEPS_PER_EPOCH, config_for, global_batches
+from tests.workers.ds_engines_worker import (
+    ACCUM_STEPS,
+    CHEAPER,
+    PER_RANK_BATCH,
+    STEPS_PER_EPOCH,
+    config_for,
+    global_batches,
+)
 
 ITERATIONS = 4
 WORLD = 2
@@ -52,26 +59,32 @@ def distributed_results(tmp_path_factory):
     return out_dir, result.stdout
 
 
-def reference_training(accum_steps: int = 1) -> dict:
+def reference_training(accum_steps: int = 1, extra: tuple[str, ...] = ()) -> dict:
     """The same iterations in one process: per-rank losses averaged, plain torch AdamW. With `accum_steps`,
     each rank's images are that many micro-batches and the loss is the mean over all micro-batches, which
-    is what accumulating their gradients computes."""
-    cfg = config_for("zero2_fp32", accum_steps)
+    is what accumulating their gradients computes. With masking.cmm_every = k in `extra` the CMM steps on
+    iterations 1, 1 + k, ... and its schedule counts those steps; with masking.cmm_batch_fraction = f, on
+    the first f of each micro-batch's images."""
+    cfg = config_for("zero2_fp32", accum_steps, extra)
     torch.manual_seed(cfg.run.seed)
     mae, cmm = build_models(cfg)
     global_batch = PER_RANK_BATCH * WORLD
+    every, fraction = cfg.masking.cmm_every, cfg.masking.cmm_batch_fraction
     optimisers, schedulers = [], []
-    for module, opt in ((mae, cfg.optim), (cmm, cfg.cmm_optim_resolved())):
+    for module, opt, steps in (
+        (mae, cfg.optim, STEPS_PER_EPOCH),
+        (cmm, cfg.cmm_optim_resolved(), STEPS_PER_EPOCH / every),
+    ):
         peak = peak_lr(opt, global_batch)
         optimiser = torch.optim.AdamW(
             param_groups(module, opt.weight_decay, opt.no_decay_names), lr=peak, betas=opt.betas
         )
-        schedule = WarmupCosine(peak, opt.min_lr, opt.warmup_epochs, cfg.train.epochs, STEPS_PER_EPOCH)
+        schedule = WarmupCosine(peak, opt.min_lr, opt.warmup_epochs, cfg.train.epochs, steps)
         optimisers.append(optimiser)
         schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimiser, schedule))
     clips = (cfg.optim.clip_grad, cfg.cmm_optim_resolved().clip_grad)
     losses = []
-    for batch in global_batches(ITERATIONS):
+    for iteration, batch in enumerate(global_batches(ITERATIONS)):
         chunks = batch.chunk(WORLD * accum_steps)
         mae_loss = sum(mae_step(mae, cmm, chunk, cfg)[0] for chunk in chunks) / len(chunks)
         mae_loss.backward()
@@ -79,7 +92,11 @@ def reference_training(accum_steps: int = 1) -> dict:
         optimisers[0].step()
         optimisers[0].zero_grad()
         schedulers[0].step()
-        cmm_loss = sum(cmm_step(mae, cmm, chunk, 0.5, cfg)[0] for chunk in chunks) / len(chunks)
+        if iteration % every:
+            losses.append([mae_loss.item(), float("nan")])
+            continue
+        used = round(len(chunks[0]) * fraction)
+        cmm_loss = sum(cmm_step(mae, cmm, chunk[:used], 0.5, cfg)[0] for chunk in chunks) / len(chunks)
         cmm_loss.backward()
         assert all(p.grad is None for p in mae.parameters())
         torch.nn.utils.clip_grad_norm_(list(cmm.parameters()), clips[1])
@@ -116,6 +133,40 @@ def test_gradient_accumulation_matches_the_large_batch_reference(distributed_res
     # statistics): the comparison above tells the two apart.
     plain = reference_training()
     assert max((plain["cmm"][n] - v).abs().max().item() for n, v in want["cmm"].items()) > 1e-3
+
+
+@pytest.mark.distributed
+def test_the_default_step_is_the_papers_iteration_bit_for_bit(distributed_results):
+    """optimizer_step with the defaults (masking.cmm_every 1, masking.cmm_batch_fraction 1) against the MAE
+    step and the CMM step written out on the same whole batches (the worker's ZeRO-2 run): bitwise the same
+    weights and learning rates, and every metric on every step."""
+    out_dir, _ = distributed_results
+    got = torch.load(out_dir / "zero2_fp32_accum1.pt", weights_only=True)
+    want = torch.load(out_dir / "zero2_fp32.pt", weights_only=True)
+    for module in ("mae", "cmm"):
+        assert got[module].keys() == want[module].keys()
+        assert [name for name, value in want[module].items() if not torch.equal(got[module][name], value)] == []
+    assert got["lrs"] == want["lrs"]
+    assert all({"cmm/loss_cmm", "grad_norm/cmm", "grad_norm/mae", "mae/loss"} <= set(keys) for keys in got["metrics"])
+
+
+@pytest.mark.distributed
+def test_cmm_every_and_batch_fraction_match_the_single_process_reference(distributed_results):
+    """masking.cmm_every=2 and masking.cmm_batch_fraction=0.5 through optimizer_step: the CMM steps on iterations
+    1 and 3 only, on the first half of each rank's images, with its learning rate on the paper's line."""
+    out_dir, _ = distributed_results
+    got = torch.load(out_dir / "zero2_fp32_accum1_cheaper.pt", weights_only=True)
+    want = reference_training(extra=CHEAPER)
+    assert_matches_reference(got, want, "zero2_fp32 with " + " ".join(CHEAPER))
+    stepped = [step for step, keys in enumerate(got["metrics"], start=1) if "cmm/loss_cmm" in keys]
+    assert stepped == [1, 3]
+    assert [step for step, keys in enumerate(got["metrics"], start=1) if "grad_norm/cmm" in keys] == stepped
+    torch.testing.assert_close(
+        torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-4, atol=1e-5, equal_nan=True
+    )
+    # The paper's iteration on the same images ends elsewhere: the comparison above tells the two apart.
+    paper = reference_training()
+    assert max((paper["cmm"][n] - v).abs().max().item() for n, v in want["cmm"].items()) > 1e-3
 
 
 def assert_matches_reference(got: dict, want: dict, label: str) -> None:

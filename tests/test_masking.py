@@ -21,6 +21,10 @@ from clmae.masking import (
     RandomMasking,
     build_models,
     build_strategy,
+    iteration_flops,
+    masking_batch_size,
+    masking_images,
+    masking_step_due,
     strategy_class,
 )
 from clmae.preflight import check_pretrain
@@ -39,6 +43,46 @@ def test_registry_names_the_two_strategies_and_refuses_others():
     with pytest.raises(ConfigError, match=r"is not a clmae\.masking\.MaskingStrategy subclass"):
         build_strategy(load_config("tiny_digits", ["masking.mode=tests.masking_plugins:math"]))
     assert strategy_class(PLUGIN) is CentreMasking
+
+
+def test_cmm_every_steps_on_the_first_iteration_then_one_in_k():
+    every = load_config("tiny_digits", ["masking.cmm_every=3"])
+    assert [step for step in range(1, 11) if masking_step_due(every, step)] == [1, 4, 7, 10]
+    default = load_config("tiny_digits")
+    assert all(masking_step_due(default, step) for step in range(1, 11))
+
+
+@pytest.mark.parametrize(
+    ("fraction", "batch", "used"),
+    [(1.0, 16, 16), (0.5, 16, 8), (0.25, 64, 16), (0.1, 30, 3), (0.3, 5, 2), (0.5, 3, 2), (0.01, 16, 1)],
+)
+def test_cmm_batch_fraction_takes_the_first_images_rounded_half_up(fraction, batch, used):
+    cfg = load_config("tiny_digits", [f"masking.cmm_batch_fraction={fraction}"])
+    assert masking_batch_size(cfg, batch) == used
+    images = torch.arange(batch, dtype=torch.float32).view(batch, 1, 1, 1).expand(batch, 3, 2, 2)
+    assert torch.equal(masking_images(cfg, images), images[:used])
+    if used == batch:
+        assert masking_images(cfg, images) is images  # the paper's step gets the very tensor, untouched
+
+
+@pytest.mark.parametrize(
+    "value", ["masking.cmm_every=0", "masking.cmm_batch_fraction=0", "masking.cmm_batch_fraction=1.5"]
+)
+def test_cheaper_curriculum_settings_out_of_range_are_refused_by_key(value):
+    with pytest.raises(ConfigError, match=rf"'{value.split('=')[0]}'"):
+        load_config("tiny_digits", [value])
+
+
+def test_iteration_flops_count_the_cmm_step_by_its_share_of_iterations_and_images():
+    base = ["data.batch_size=16"]
+    paper = iteration_flops(load_config("tiny_digits", base))
+    every = iteration_flops(load_config("tiny_digits", [*base, "masking.cmm_every=4"]))
+    part = iteration_flops(load_config("tiny_digits", [*base, "masking.cmm_batch_fraction=0.25"]))
+    both = iteration_flops(load_config("tiny_digits", [*base, "masking.cmm_every=2", "masking.cmm_batch_fraction=0.5"]))
+    assert paper["cmm"] > 0
+    # The MAE step (which runs the CMM forward to choose its masks) is the same every iteration.
+    assert every["mae"] == part["mae"] == both["mae"] == paper["mae"]
+    assert every["cmm"] == part["cmm"] == both["cmm"] == pytest.approx(paper["cmm"] / 4, rel=1e-12)
 
 
 def test_plugin_strategy_masks_the_mae_step():

@@ -367,6 +367,40 @@ def test_nan_before_the_first_checkpoint_rolls_back_to_the_initial_state(tmp_pat
         assert points[1:] == reference_history[key], key
 
 
+CHEAPER_CURRICULUM = ["masking.cmm_every=2", "masking.cmm_batch_fraction=0.5", "curriculum.granularity=step"]
+
+
+def test_cheaper_curriculum_trains_and_resumes_exactly(uninterrupted, tmp_path, digits):
+    """The CMM's step on one iteration in 2, on half of each micro-batch, lambda per step: through clmae-pretrain
+    on 2 ranks, and stopped after step 3 (the next step has no CMM step) then resumed, bitwise the uninterrupted
+    run with the same settings, which differs from the paper's run (the `uninterrupted` fixture)."""
+    reference = tmp_path / "reference"
+    run = Run(reference, digits, [f"train.stop_at_step={STEPS}", *CHEAPER_CURRICULUM])
+    assert run.wait() == [0, 0], run.output()[-3000:]
+    note = "(curriculum masking; its step on 1 iteration in 2, on 8 of 16 images per micro-batch, lambda per step)"
+    assert note in run.output()
+    run_dir = tmp_path / "resumed"
+    first = Run(run_dir, digits, ["train.stop_at_step=3", *CHEAPER_CURRICULUM])
+    assert first.wait() == [0, 0], first.output()[-3000:]
+    second = Run(run_dir, digits, [f"train.stop_at_step={STEPS}", *CHEAPER_CURRICULUM])
+    assert second.wait() == [0, 0], second.output()[-3000:]
+    assert "global step 3)" in second.output()
+
+    got, want = weights(run_dir), weights(reference)
+    assert [name for name in want if not torch.equal(got[name], want[name])] == []
+    paper = weights(uninterrupted[0])
+    assert any(not torch.equal(paper[name], want[name]) for name in want if name.startswith("cmm."))
+    _, history = metric_history(run_dir)
+    _, reference_history = metric_history(reference)
+    assert history == reference_history
+    for key, points in history.items():
+        steps = [step for step, _ in points]
+        # The MAE and the learning rates every step; the CMM's metrics on the steps it trained: 1, 3, 5.
+        assert steps == (list(range(1, STEPS + 1)) if key.startswith(("mae/", "lr/")) else [1, 3, 5]), key
+    # lambda on the per-step line of 2 epochs of 46 steps: 1 - 2 t, t = (step - 1) / 92.
+    assert [value for _, value in history["cmm/lambda"]] == pytest.approx([1 - 2 * s / 92 for s in (0, 2, 4)])
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(uninterrupted, tmp_path, digits):
     run_dir = tmp_path / "mismatch"
     first = Run(run_dir, digits, ["train.stop_at_step=2"])

@@ -5,10 +5,12 @@ engines exactly as clmae/train.py does, and checks on the way that
 - the module that is not being stepped is bitwise unchanged by the other module's step,
 - each engine's optimiser holds state for its own module only,
 then writes the final weights of both modules for the test to compare with a single-process reference.
-It also trains ZeRO-2 with gradient accumulation (train.accum_steps=2) through the training loop's own
-`optimizer_step`, builds every ds_configs file into a DeepSpeedConfig and runs one bf16 iteration. For every
-bf16 and fp32 file it compares clmae's one-kernel gradient norm with DeepSpeed's own, on the same gradients, and
-checks that a non-finite gradient under a finite loss reaches the step's metrics (grad_norms.json).
+It also trains ZeRO-2 through the training loop's own `optimizer_step`: with the default settings (the test
+holds it bitwise to the steps written out above), with gradient accumulation (train.accum_steps=2), and with
+the cheaper curriculum (the CMM's step on one iteration in 2, on half of each micro-batch). It builds every
+ds_configs file into a DeepSpeedConfig and runs one bf16 iteration. For every bf16 and fp32 file it compares
+clmae's one-kernel gradient norm with DeepSpeed's own, on the same gradients, and checks that a non-finite
+gradient under a finite loss reaches the step's metrics (grad_norms.json).
 
 usage: ds_engines_worker.py OUT_DIR ITERATIONS
 """
@@ -26,16 +28,17 @@ from deepspeed.utils import safe_get_full_fp32_param
 from clmae import dist
 from clmae.config import load_config
 from clmae.ds_engines import DS_CONFIG_DIR, build_ds_config, build_engines
-from clmae.masking import build_models
+from clmae.masking import build_models, masking_step_due
 from clmae.method import cmm_step, mae_step
 from clmae.step import optimizer_step
 
 PER_RANK_BATCH = 4
 ACCUM_STEPS = 2  # the accumulation run: 2 micro-batches of 2 images per rank and optimiser step
 STEPS_PER_EPOCH = 10
+CHEAPER = ("masking.cmm_every=2", "masking.cmm_batch_fraction=0.5")
 
 
-def config_for(ds_config: str, accum_steps: int = 1):
+def config_for(ds_config: str, accum_steps: int = 1, extra: tuple[str, ...] = ()):
     """The test recipe; with `accum_steps` the per-rank batch is cut into that many micro-batches, so the
     optimiser steps see the same images whatever the accumulation."""
     return load_config(
@@ -50,6 +53,7 @@ def config_for(ds_config: str, accum_steps: int = 1):
             # lr = base_lr * 8 / 256: large enough that 4 steps move every weight measurably.
             "optim.base_lr=0.5",
             "cmm_optim.base_lr=1.0",
+            *extra,
         ],
     )
 
@@ -115,28 +119,33 @@ def train_stage(ds_config: str, iterations: int, out_dir: Path, env) -> None:
     tdist.barrier()
 
 
-def train_accumulated(accum_steps: int, iterations: int, out_dir: Path, env) -> None:
-    """ZeRO-2 with gradient accumulation, each optimiser step through clmae.step.optimizer_step."""
+def train_accumulated(accum_steps: int, iterations: int, out_dir: Path, env, extra: tuple[str, ...] = ()) -> str:
+    """ZeRO-2, each optimiser step through clmae.step.optimizer_step as the training loop takes it, with
+    `accum_steps` micro-batches and the config overrides `extra`. Writes <name>.pt, returns the name."""
     from clmae.step import optimizer_step
 
-    cfg = config_for("zero2_fp32", accum_steps)
+    cfg = config_for("zero2_fp32", accum_steps, extra)
     torch.manual_seed(cfg.run.seed)
     mae, cmm = build_models(cfg)
     engines = build_engines(cfg, mae, cmm, STEPS_PER_EPOCH, env.world_size)
     assert engines.global_batch == PER_RANK_BATCH * env.world_size, engines.global_batch
-    losses = []
-    for batch in global_batches(iterations):
+    losses, steps = [], []
+    for step, batch in enumerate(global_batches(iterations), start=1):
         micro_batches = list(batch.chunk(env.world_size)[env.rank].chunk(accum_steps))
-        metrics = optimizer_step(engines, micro_batches, 0.5, cfg)
-        rank_losses = torch.stack([metrics["mae/loss"], metrics["cmm/loss_cmm"]])
+        metrics = optimizer_step(engines, micro_batches, 0.5, cfg, masking_step=masking_step_due(cfg, step))
+        steps.append(sorted(metrics))
+        cmm_loss = metrics.get("cmm/loss_cmm", torch.tensor(float("nan")))
+        rank_losses = torch.stack([metrics["mae/loss"], cmm_loss])
         tdist.all_reduce(rank_losses)  # the mean over ranks, as the training loop logs it
         losses.append((rank_losses / env.world_size).tolist())
     mae_final, cmm_final = full_state(engines.mae.module), full_state(engines.masking["cmm"].module)
     lrs = {"mae": engines.mae.get_lr()[0], "cmm": engines.masking["cmm"].get_lr()[0]}
+    name = f"zero2_fp32_accum{accum_steps}" + ("_cheaper" if extra else "")
     if env.rank == 0:
-        out = out_dir / f"zero2_fp32_accum{accum_steps}.pt"
-        torch.save({"mae": mae_final, "cmm": cmm_final, "losses": losses, "lrs": lrs}, out)
+        result = {"mae": mae_final, "cmm": cmm_final, "losses": losses, "lrs": lrs, "metrics": steps}
+        torch.save(result, out_dir / f"{name}.pt")
     tdist.barrier()
+    return name
 
 
 def check_every_ds_config(env) -> None:
@@ -214,7 +223,11 @@ def main() -> None:
             train_stage(f"zero{stage}_fp32", iterations, out_dir, env)
             if env.rank == 0:
                 print(f"zero{stage}_fp32 trained", flush=True)
+            if stage == 2:
+                # Next to its written-out twin: ZeRO-3 replaces torch.nn.functional.linear for the rest of the process
+                train_accumulated(1, iterations, out_dir, env)
         train_accumulated(ACCUM_STEPS, iterations, out_dir, env)
+        train_accumulated(1, iterations, out_dir, env, CHEAPER)
         bf16_iteration(env)
         norms = {name: grad_norm_pairs(name, env) for name in ("zero1_bf16", "zero2_bf16", "zero3_bf16", "zero2_fp32")}
         if env.rank == 0:
