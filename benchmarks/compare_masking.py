@@ -12,6 +12,12 @@ digits set from each of the pre-training seeds (`--seeds`, default 0 and 1), in 
 - CL-MAE: `masking.mode=curriculum` (the default), masks from the learned curriculum masking module,
   partner to adversary over `--epochs` epochs.
 
+`--cheaper K:F ...` adds, for each setting, two arms: CL-MAE with the CMM's step on one iteration in K
+(`masking.cmm_every`) on the fraction F of each micro-batch (`masking.cmm_batch_fraction`), for `--epochs`
+epochs, and MAE for the epochs whose counted FLOPs match that arm's (`iteration_flops` counts both options).
+`--only-cheaper` leaves out the paper's CL-MAE and its equal-FLOPs MAE (a sweep of settings). Every arm's
+counted FLOPs per image, epochs and pre-training wall time are in a second table.
+
 Each encoder is evaluated frozen with `clmae-eval`: few-shot linear probes (1, 2, 4, 8 and 16 labelled
 images per class, 3 probe seeds, mean +- std) and k-NN. The table has one row per arm: the mean +- std over
 the pre-training seeds (the few-shot cell of one seed is the mean over its probe seeds); a second table
@@ -28,6 +34,7 @@ each arm, marked partial until all are done).
     python benchmarks/compare_masking.py                    # or: make compare-masking
     python benchmarks/compare_masking.py --epochs 2 --seeds 0 --out-dir runs/compare_masking_2ep
     python benchmarks/compare_masking.py --dataset fashion  # or: make compare-masking DATASET=fashion
+    python benchmarks/compare_masking.py --cheaper 4:1 2:0.5 curriculum.granularity=step   # cheaper curricula
 
 `--dataset fashion` runs the same comparison on Fashion-MNIST (60,000 training images; config `tiny_fashion`,
 data from `clmae-prep fashion-mnist`, 2 epochs unless --epochs says otherwise). Measured on 2 idle cores with
@@ -87,15 +94,48 @@ class Method:
     name: str  # subdirectory of --out-dir (with the seed appended)
     label: str  # row of the table
     overrides: tuple[str, ...]  # pre-training overrides; () = no pre-training
-    equal_flops: bool = False  # train for the CL-MAE run's FLOPs instead of its epochs
+    # Train for the counted FLOPs of `--epochs` epochs of the arm with these overrides instead of `--epochs`.
+    equal_flops_to: tuple[str, ...] | None = None
 
 
+CURRICULUM = ("masking.mode=curriculum",)
 METHODS = (
     Method("random_init", "no pre-training (random init)", ()),
     Method("mae_random", "MAE, equal epochs", ("masking.mode=random",)),
-    Method("mae_equal_flops", "MAE, equal FLOPs", ("masking.mode=random",), equal_flops=True),
-    Method("clmae_curriculum", "CL-MAE (curriculum)", ("masking.mode=curriculum",)),
+    Method("mae_equal_flops", "MAE, equal FLOPs", ("masking.mode=random",), equal_flops_to=CURRICULUM),
+    Method("clmae_curriculum", "CL-MAE (curriculum)", CURRICULUM),
 )
+PAPER_ARMS = ("mae_equal_flops", "clmae_curriculum")  # what --only-cheaper leaves out
+
+
+def parse_cheaper(text: str) -> tuple[int, float]:
+    """'K:F' -> (masking.cmm_every, masking.cmm_batch_fraction)."""
+    every, sep, fraction = text.partition(":")
+    try:
+        setting = (int(every), float(fraction)) if sep else (int(every), 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K:F (e.g. 4:1 or 2:0.5), got {text!r}") from None
+    if setting[0] < 1 or not 0 < setting[1] <= 1:
+        raise argparse.ArgumentTypeError(f"K >= 1 and 0 < F <= 1, got {text!r}")
+    return setting
+
+
+def cheaper_methods(every: int, fraction: float) -> tuple[Method, Method]:
+    """The cheaper CL-MAE arm and the MAE arm of its counted FLOPs."""
+    tag = f"every{every}_frac{fraction:g}"
+    setting = (*CURRICULUM, f"masking.cmm_every={every}", f"masking.cmm_batch_fraction={fraction:g}")
+    what = f"CMM step 1 in {every}, {fraction:g} of the batch"
+    return (
+        Method(f"mae_flops_{tag}", f"MAE, equal FLOPs to CL-MAE ({what})", ("masking.mode=random",), setting),
+        Method(f"clmae_{tag}", f"CL-MAE ({what})", setting),
+    )
+
+
+def methods(args: argparse.Namespace) -> list[Method]:
+    chosen = [m for m in METHODS if not (args.only_cheaper and m.name in PAPER_ARMS)]
+    for every, fraction in args.cheaper:
+        chosen += cheaper_methods(every, fraction)
+    return chosen
 
 
 def parse_args() -> argparse.Namespace:
@@ -114,38 +154,56 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1], help="pre-training seeds (run.seed: weights, masks, order)"
     )
+    parser.add_argument(
+        "--cheaper", type=parse_cheaper, nargs="+", default=[], metavar="K:F",
+        help="cheaper curricula: the CMM's step on 1 iteration in K on a fraction F of the batch, each with an MAE arm "
+        "of equal FLOPs",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only-cheaper", action="store_true", help="without the paper's CL-MAE and its equal-FLOPs MAE"
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="more pre-training overrides")
     args = parser.parse_args()
     args.data = DATASETS[args.dataset]
     args.data_dir = args.data_dir or args.data.data_dir
     args.epochs = args.epochs or args.data.epochs
     args.out_dir = args.out_dir or args.data.out_dir
-    if any(item.startswith(("masking.mode=", "train.epochs=", "run.seed=")) for item in args.overrides):
-        parser.error("masking.mode, train.epochs and run.seed are what this benchmark varies; leave them out")
+    varied = ("masking.mode=", "masking.cmm_every=", "masking.cmm_batch_fraction=", "train.epochs=", "run.seed=")
+    if any(item.startswith(varied) for item in args.overrides):
+        parser.error(f"{', '.join(v.rstrip('=') for v in varied)} are what this benchmark varies; leave them out")
+    if args.only_cheaper and not args.cheaper:
+        parser.error("--only-cheaper needs --cheaper K:F")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds: each seed once, got {args.seeds}")
     from clmae.config import load_config
     from clmae.errors import ClmaeError
 
     try:  # a wrong key or value fails here, in seconds, not after the first pre-training
-        for method in METHODS:
+        for method in methods(args):
             load_config(args.data.config, pretrain_overrides(args, method, args.seeds[0], args.epochs))
     except ClmaeError as err:
         parser.error(str(err))
     return args
 
 
-def equal_flop_epochs(args: argparse.Namespace) -> tuple[int, dict[str, float]]:
-    """MAE epochs whose training FLOPs match `args.epochs` CL-MAE epochs, and the counts per image."""
+def arm_flops(args: argparse.Namespace, arms: list[Method]) -> tuple[dict[str, int], dict[str, float]]:
+    """Each arm's epochs (`--epochs`; an equal-FLOPs arm: those whose counted training FLOPs match `--epochs`
+    epochs of its target, rounded) and counted training FLOPs per image and iteration; 0 for no pre-training.
+    flops["paper run"]: the training FLOPs per image of the paper's CL-MAE over `--epochs` epochs."""
     from clmae.config import load_config
     from clmae.masking import iteration_flops
 
-    def per_image(mode: str) -> float:
-        cfg = load_config(args.data.config, [*args.overrides, f"masking.mode={mode}"])
-        return sum(iteration_flops(cfg).values())
+    def per_image(overrides: tuple[str, ...]) -> float:
+        return sum(iteration_flops(load_config(args.data.config, [*args.overrides, *overrides])).values())
 
-    flops = {"mae": per_image("random"), "clmae": per_image("curriculum")}
-    return max(1, round(args.epochs * flops["clmae"] / flops["mae"])), flops
+    epochs, flops = {}, {}
+    for arm in arms:
+        flops[arm.label] = per_image(arm.overrides) if arm.overrides else 0.0
+        epochs[arm.label] = args.epochs if arm.overrides else 0
+        if arm.equal_flops_to is not None:
+            epochs[arm.label] = max(1, round(args.epochs * per_image(arm.equal_flops_to) / flops[arm.label]))
+    flops["paper run"] = args.epochs * per_image(CURRICULUM)
+    return epochs, flops
 
 
 def data_overrides(data_dir: Path) -> list[str]:
@@ -329,6 +387,28 @@ def seed_table(results: dict[str, dict[int, dict[str, float]]]) -> str:
     return markdown_table(["arm, pre-training seed", *metrics], rows)
 
 
+def cost_table(results, epochs: dict[str, int], flops: dict[str, float], stages: Stages) -> str:
+    """Per arm: epochs, counted training FLOPs per image (one iteration, and the whole run relative to the paper's
+    CL-MAE run), and the pre-training's wall time, mean over the seeds that ran it."""
+    seconds: dict[str, list[float]] = {}
+    for stage in stages.done:
+        if stage["stage"].startswith("pre-train ") and stage["seconds"] is not None:
+            label = stage["stage"].removeprefix("pre-train ").rsplit(", ", 2)[0]
+            seconds.setdefault(label, []).append(stage["seconds"])
+    rows = {}
+    for label in results:
+        run = epochs[label] * flops[label]
+        took = seconds.get(label)
+        rows[label] = [
+            str(epochs[label]),
+            f"{flops[label] / 1e6:.0f}" if flops[label] else "-",
+            f"{run / flops['paper run']:.2f}" if run else "-",
+            f"{statistics.fmean(took) / 60:.1f}" if took else "-",
+        ]
+    header = ["arm", "epochs", "MFLOP per image and iteration", "run FLOPs / paper's CL-MAE run", "pre-training min"]
+    return "Compute, counted (clmae.masking.iteration_flops):\n\n" + markdown_table(header, rows)
+
+
 def machine() -> dict[str, str | int | None]:
     return {
         "cpu_count": os.cpu_count(),
@@ -349,11 +429,7 @@ def write_results(args, results, checkpoints, epochs, flops, probe_seeds, stages
         + f"{args.data.config}, seeds {' '.join(map(str, args.seeds))}"
         + (f", overrides: {' '.join(args.overrides)}" if args.overrides else "")
     )
-    compute = (
-        f"counted training FLOPs per image: CL-MAE iteration {flops['clmae'] / 1e6:.1f} MFLOP, "
-        f"MAE iteration {flops['mae'] / 1e6:.1f} MFLOP ({flops['clmae'] / flops['mae']:.2f}x): "
-        f"{args.epochs} CL-MAE epochs = {epochs['MAE, equal FLOPs']} MAE epochs"
-    )
+    compute = cost_table(results, epochs, flops, stages)
     where = (
         f"machine: {host['cpu_count']} CPUs ({host['cpus_usable']} usable), torch {host['torch']}, "
         f"deepspeed {host['deepspeed']}, Python {host['python']}, {host['platform']}"
@@ -411,13 +487,15 @@ def main() -> None:
     started = time.perf_counter()
     stages = Stages(args.out_dir / "results.json")
     prepare_data(args, stages)
-    mae_epochs, flops = equal_flop_epochs(args)
-    epochs = {m.label: (mae_epochs if m.equal_flops else args.epochs) if m.overrides else 0 for m in METHODS}
-    print(f"equal FLOPs: {args.epochs} CL-MAE epochs = {mae_epochs} MAE epochs", flush=True)
+    arms = methods(args)
+    epochs, flops = arm_flops(args, arms)
+    for arm in arms:
+        if arm.equal_flops_to is not None:
+            print(f"equal FLOPs: {arm.label}: {epochs[arm.label]} epochs", flush=True)
     results: dict[str, dict[int, dict[str, float]]] = {}
     checkpoints: dict[str, str] = {}
     for seed in args.seeds:  # every arm of a seed first: a partial result compares arms
-        for method in METHODS:  # the random encoder first: a broken evaluation shows before any pre-training
+        for method in arms:  # the random encoder first: a broken evaluation shows before any pre-training
             if method.overrides:
                 checkpoint = pretrain(args, method, seed, epochs[method.label], stages)
             else:

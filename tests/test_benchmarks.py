@@ -151,3 +151,33 @@ def test_soak_places_each_kill_where_it_is_meant_to_land():
             else:
                 assert 2 <= fault.step < 40 and fault.armed_by_env is None
     assert seen == set(soak.KINDS)
+
+
+def test_compare_masking_matches_each_cheaper_curriculum_with_an_mae_arm_of_its_flops():
+    """benchmarks/compare_masking.py --cheaper K:F: per setting a CL-MAE arm with the options and an MAE arm whose
+    counted FLOPs match it (fewer epochs than the paper's CL-MAE buys); --only-cheaper leaves the paper's arms out."""
+    import argparse
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import compare_masking
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    assert compare_masking.parse_cheaper("4:1") == (4, 1.0) and compare_masking.parse_cheaper("2:0.5") == (2, 0.5)
+    for bad in ("0:1", "2:0", "2:1.5", "two:1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="K"):
+            compare_masking.parse_cheaper(bad)
+    digits, settings = compare_masking.DATASETS["digits"], [(4, 1.0), (2, 0.5)]
+    args = argparse.Namespace(data=digits, epochs=20, overrides=[], cheaper=settings, only_cheaper=True)
+    arms = compare_masking.methods(args)
+    assert [arm.name for arm in arms] == [
+        "random_init", "mae_random", "mae_flops_every4_frac1", "clmae_every4_frac1", "mae_flops_every2_frac0.5",
+        "clmae_every2_frac0.5",
+    ]  # fmt: skip
+    epochs, flops = compare_masking.arm_flops(args, arms)
+    by_name = {arm.name: arm.label for arm in arms}
+    mae, cheap, paper = flops[by_name["mae_random"]], flops[by_name["clmae_every4_frac1"]], flops["paper run"] / 20
+    assert mae < cheap < paper and flops[by_name["clmae_every2_frac0.5"]] == pytest.approx(cheap)
+    assert epochs[by_name["mae_flops_every4_frac1"]] == round(20 * cheap / mae)
+    assert 20 < epochs[by_name["mae_flops_every4_frac1"]] < round(20 * paper / mae)
