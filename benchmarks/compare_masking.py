@@ -124,7 +124,8 @@ def cheaper_methods(every: int, fraction: float) -> tuple[Method, Method]:
     """The cheaper CL-MAE arm and the MAE arm of its counted FLOPs."""
     tag = f"every{every}_frac{fraction:g}"
     setting = (*CURRICULUM, f"masking.cmm_every={every}", f"masking.cmm_batch_fraction={fraction:g}")
-    what = f"CMM step 1 in {every}, {fraction:g} of the batch"
+    what = "CMM step" + (f" 1 in {every}" if every > 1 else "")
+    what += f" on {fraction:g} of the batch" if fraction < 1 else ""
     return (
         Method(f"mae_flops_{tag}", f"MAE, equal FLOPs to CL-MAE ({what})", ("masking.mode=random",), setting),
         Method(f"clmae_{tag}", f"CL-MAE ({what})", setting),
