@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from mlflow.tracking import MlflowClient
 
 from clmae.config import load_config
@@ -54,3 +57,31 @@ def test_other_ranks_and_disabled_tracking_log_nothing(tmp_path):
     assert not Tracker(cfg, tmp_path, is_main=False).active
     assert not Tracker(load_config("tiny_digits", ["tracking.enabled=false"]), tmp_path, is_main=True).active
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_start_killed_before_its_first_checkpoint_is_adopted_and_ends_finished(tmp_path, monkeypatch):
+    """The first attempt dies after logging step 1 with nothing to end its run (os._exit, as kill -9); the relaunch
+    from step 0 adopts that run from the directory's record, logs each step once and ends it FINISHED."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = ["tracking.system_metrics=false"]
+    attempt = (
+        "import os, sys; from pathlib import Path; from clmae.config import load_config; "
+        "from clmae.tracking import Tracker; "
+        f"tracker = Tracker(load_config('tiny_digits', {overrides!r}), Path(sys.argv[1]), is_main=True); "
+        "tracker.log_metrics({'mae/loss': 1.0}, 1); print(tracker.run_id, flush=True); os._exit(0)"
+    )
+    result = subprocess.run([sys.executable, "-c", attempt, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = result.stdout.split()[-1]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(first).info.status == "RUNNING"
+
+    relaunch = Tracker(load_config("tiny_digits", overrides), tmp_path, is_main=True)
+    assert relaunch.run_id == first and relaunch.last_logged_step == 1 and "adopted" in relaunch.note
+    for step in (1, 2, 3):  # training starts again from step 0: step 1 is already in the run
+        relaunch.log_metrics({"mae/loss": float(step)}, step)
+    relaunch.finish()
+    history = sorted((m.step, m.value) for m in client.get_metric_history(first, "mae/loss"))
+    assert history == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    run = client.get_run(first)
+    assert run.info.status == "FINISHED" and len(client.search_runs([run.info.experiment_id])) == 1
