@@ -495,14 +495,22 @@ def main() -> None:
             print(f"equal FLOPs: {arm.label}: {epochs[arm.label]} epochs", flush=True)
     results: dict[str, dict[int, dict[str, float]]] = {}
     checkpoints: dict[str, str] = {}
+    trained: dict[tuple, tuple[str, Path, dict]] = {}  # (overrides, epochs, seed) -> (label, checkpoint, reports)
     for seed in args.seeds:  # every arm of a seed first: a partial result compares arms
         for method in arms:  # the random encoder first: a broken evaluation shows before any pre-training
-            if method.overrides:
-                checkpoint = pretrain(args, method, seed, epochs[method.label], stages)
+            same = (method.overrides, epochs[method.label], seed)
+            if method.overrides and same in trained:
+                # Equal-FLOPs MAE arms of settings that cost the same are one training: it is not repeated.
+                first_label, checkpoint, reports = trained[same]
+                print(f"\n=== {method.label}, seed {seed}: the same training as {first_label}", flush=True)
             else:
-                checkpoint = random_encoder(args, method, seed, stages)
+                if method.overrides:
+                    checkpoint = pretrain(args, method, seed, epochs[method.label], stages)
+                else:
+                    checkpoint = random_encoder(args, method, seed, stages)
+                reports = evaluate(args, method, seed, checkpoint, stages)
+                trained[same] = (method.label, checkpoint, reports)
             checkpoints[f"{method.label}, seed {seed}"] = str(checkpoint)
-            reports = evaluate(args, method, seed, checkpoint, stages)
             probe_seeds = len(reports["fewshot"]["settings"]["seeds"])
             results.setdefault(method.label, {})[seed] = row_metrics(reports)
             write_results(args, results, checkpoints, epochs, flops, probe_seeds, stages, started, complete=False)
