@@ -180,10 +180,10 @@ def train_one_epoch(run: Setup, state: TrainState, window: MetricsWindow) -> int
         # next ones are read must be copies (a view-only .to() is free when nothing is held).
         micro_batches = [next(batches)[0].to(torch.float32, copy=accum > 1) for _ in range(accum)]
         metrics = {}  # a skipped step (train.skip_steps, rollbacks) consumes its batches and nothing else
+        due = masking_step_due(cfg, state.global_step + 1)
         if state.global_step + 1 not in state.skip_steps:
             poison = faults.at_step(env.rank, env.world_size, state.global_step + 1)
             started = time.perf_counter()
-            due = masking_step_due(cfg, state.global_step + 1)
             metrics = optimizer_step(
                 run.engines, micro_batches, lam, cfg, window.timer, poison_mae_loss=poison, masking_step=due
             )
@@ -200,12 +200,14 @@ def train_one_epoch(run: Setup, state: TrainState, window: MetricsWindow) -> int
             batches.close()
             return None  # train() calls again: the restored epoch, from the restored position
         if metrics:
-            window.add(metrics)
+            window.add(metrics, masking_step=due)
         epoch_done = state.step_in_epoch == run.steps_per_epoch
         if (state.global_step % cfg.train.log_every == 0 or epoch_done) and window.steps:
+            # A window without the strategy's step (masking.cmm_every > log_every) has none of its metrics to show.
+            strategy = run.engines.strategy if window.masking_steps else None
             report = window.report(run, state)
             run.tracker.log_metrics(report, step=state.global_step)
-            dist.log(_format_report(state.global_step, state.epoch, report, run.engines.strategy))
+            dist.log(_format_report(state.global_step, state.epoch, report, strategy))
         if epoch_done:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
 
@@ -360,13 +362,15 @@ class MetricsWindow:
         self.sums: dict = {}
         self.counts: dict[str, int] = {}  # steps that gave each metric (the CMM's: masking.cmm_every)
         self.steps = 0
+        self.masking_steps = 0  # steps in which the masking strategy took its own step
         self.start = time.perf_counter()
 
-    def add(self, metrics: dict) -> None:
+    def add(self, metrics: dict, masking_step: bool = True) -> None:
         for name, value in metrics.items():
             self.sums[name] = self.sums.get(name, 0) + value.float()
             self.counts[name] = self.counts.get(name, 0) + 1
         self.steps += 1
+        self.masking_steps += masking_step
 
     def report(self, run: Setup, state: TrainState) -> dict[str, float]:
         """Each metric's mean over the window and the ranks (one all_reduce), then throughput, TFLOP/s,
@@ -587,9 +591,9 @@ def _mask_picture_images(cfg, device):
 
 
 def _format_report(step: int, epoch: int, report: dict[str, float], strategy) -> str:
+    """The console's line of a report; `strategy`'s part only when given (its step was in the window)."""
     parts = [f"step {step} (epoch {epoch})", f"mae {report['mae/loss']:.4f}"]
-    # A window without the strategy's step (masking.cmm_every > log_every) has none of its metrics to show.
-    if any(name.startswith(f"{strategy.module_name}/") for name in report):
+    if strategy is not None:
         parts += strategy.report(report)
     parts.append(f"lr {report['lr/mae']:.2e}")
     parts.append(f"{report['perf/images_per_s']:.1f} img/s")

@@ -379,6 +379,9 @@ def test_cheaper_curriculum_trains_and_resumes_exactly(uninterrupted, tmp_path, 
     assert run.wait() == [0, 0], run.output()[-3000:]
     note = "(curriculum masking; its step on 1 iteration in 2, on 8 of 16 images per micro-batch, lambda per step)"
     assert note in run.output()
+    # The console's line shows the CMM's part for the steps it trained only.
+    assert re.search(r"step 2 \(epoch 0\) \| mae [\d.]+ \| lr ", run.output()), run.output()[-3000:]
+    assert re.search(r"step 3 \(epoch 0\) \| mae [\d.]+ \| cmm [\d.-]+ \(lambda ", run.output())
     run_dir = tmp_path / "resumed"
     first = Run(run_dir, digits, ["train.stop_at_step=3", *CHEAPER_CURRICULUM])
     assert first.wait() == [0, 0], first.output()[-3000:]
