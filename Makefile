@@ -97,7 +97,8 @@ demo: setup
 # Four arms: no pre-training, MAE at equal epochs, MAE at equal FLOPs, CL-MAE; 2 pre-training seeds each,
 # mean +- std (benchmarks/compare_masking.py; a rerun reuses what is done). DATASET=digits (29 min on 2
 # idle cores) or fashion (Fashion-MNIST; results in runs/compare_masking_fashion).
-# COMPARE_ARGS go to the script, e.g. COMPARE_ARGS="--epochs 2 --seeds 0 --out-dir runs/compare_masking_2ep".
+# COMPARE_ARGS go to the script, e.g. COMPARE_ARGS="--epochs 2 --seeds 0 --out-dir runs/compare_masking_2ep",
+# or cheaper curricula against MAE of their FLOPs: COMPARE_ARGS="--cheaper 4:1 2:0.5 --out-dir runs/compare_cheaper".
 DATASET ?= digits
 COMPARE_ARGS ?=
 compare-masking: setup
