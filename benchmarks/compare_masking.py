@@ -50,6 +50,7 @@ pre-training 80 s at equal epochs and 6 minutes at equal FLOPs, and each evaluat
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -194,6 +195,7 @@ def arm_flops(args: argparse.Namespace, arms: list[Method]) -> tuple[dict[str, i
     from clmae.config import load_config
     from clmae.masking import iteration_flops
 
+    @functools.cache  # each config is counted once, however many arms share it
     def per_image(overrides: tuple[str, ...]) -> float:
         return sum(iteration_flops(load_config(args.data.config, [*args.overrides, *overrides])).values())
 

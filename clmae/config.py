@@ -38,10 +38,9 @@ class ConfigError(ClmaeError, ValueError):
     """A config file, key or value is invalid; the message names the key."""
 
 
-# Keys that were renamed: a config that still uses one is told what to write instead.
-RENAMED_KEYS = {
-    "curriculum.smooth": "'curriculum.granularity' (smooth: true is granularity: step; false is granularity: epoch)",
-}
+# Keys that were renamed: old key -> (new key, old value -> new value). A config that still uses one is told
+# what to write instead; a checkpoint that saved one is read in the new key (upgrade_saved).
+RENAMED_KEYS = {"curriculum.smooth": ("curriculum.granularity", {True: "step", False: "epoch"})}
 # Keys added since a checkpoint may have been written, at the value that does what clmae did before them.
 ADDED_KEYS = {"masking.cmm_every": 1, "masking.cmm_batch_fraction": 1.0}
 
@@ -50,9 +49,10 @@ def upgrade_saved(config: dict[str, Any]) -> dict[str, Any]:
     """A config dict that an earlier clmae saved (in a checkpoint), in today's keys: renamed keys mapped, added
     keys at the value that behaves as before. A run resumes, and a checkpoint exports, across an upgrade."""
     config = {section: dict(value) if isinstance(value, dict) else value for section, value in config.items()}
-    curriculum = config.get("curriculum")
-    if isinstance(curriculum, dict) and "smooth" in curriculum:
-        curriculum["granularity"] = "step" if curriculum.pop("smooth") else "epoch"
+    for old, (new, values) in RENAMED_KEYS.items():
+        (section, old_name), new_name = old.split("."), new.split(".")[1]
+        if isinstance(config.get(section), dict) and old_name in config[section]:
+            config[section][new_name] = values[config[section].pop(old_name)]
     for key, value in ADDED_KEYS.items():
         section, name = key.split(".")
         if isinstance(config.get(section), dict):
@@ -404,7 +404,12 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     for key in data:
         if f"{prefix}{key}" in RENAMED_KEYS:
-            raise ConfigError(f"config key '{prefix}{key}' is now {RENAMED_KEYS[f'{prefix}{key}']}")
+            new, values = RENAMED_KEYS[f"{prefix}{key}"]
+            mapping = "; ".join(
+                f"{key}: {json.dumps(old)} is {new.split('.')[1]}: {value}"
+                for old, value in values.items()
+            )
+            raise ConfigError(f"config key '{prefix}{key}' is now '{new}' ({mapping})")
         if key not in fields:
             candidates = [f"{prefix}{name}" for name in fields]
             close = difflib.get_close_matches(f"{prefix}{key}", candidates, n=1, cutoff=0.6)
