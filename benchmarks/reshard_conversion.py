@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from clmae.cli import run_main
 from clmae.config import MODEL_NAMES, load_config
 
 
@@ -117,4 +118,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, skip_teardown=True)  # no interpreter teardown: it can abort a finished 2-rank run (clmae/cli.py)

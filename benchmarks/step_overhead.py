@@ -45,6 +45,7 @@ import torch
 from _common import LAUNCHER_VARS, PlainStep, run_in_fresh_process
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from clmae.cli import run_main
 from clmae.config import MODEL_NAMES, load_config
 from clmae.ds_engines import DS_CONFIG_DIR
 
@@ -281,4 +282,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main, skip_teardown=True)  # no interpreter teardown: it can abort a finished 2-rank run (clmae/cli.py)

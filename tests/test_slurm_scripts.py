@@ -98,7 +98,10 @@ def mlflow_runs(run_dir: Path) -> list:
 def wait_for_restart(cluster, log_dir: Path, job_id: int, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while cluster.job_info(job_id)["Restarts"] == "0":
-        assert cluster.job_info(job_id)["JobState"] not in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED")
+        state = cluster.job_info(job_id)["JobState"]
+        assert state not in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"), (
+            f"job {job_id} ended ({state}) without a restart:\n{job_log(log_dir, job_id)[-3000:]}"
+        )
         assert time.monotonic() < deadline, job_log(log_dir, job_id)[-3000:]
         time.sleep(0.5)
 
@@ -185,19 +188,23 @@ def test_usr1_to_the_batch_shell_checkpoints_requeues_and_resumes(completed_run,
 
 
 def test_time_limit_checkpoints_requeues_and_resumes(completed_run, slurm_cluster, digits, tmp_path):
-    # SLURM sends USR1 110 s before a 2-minute limit, so before the first training step (start-up takes
-    # about 25 s): the tasks checkpoint after their first step, well inside the limit. Once the job has been
-    # requeued (the behaviour under test), its limit is raised so that the second run can finish.
+    # SLURM sends USR1 170 s before a 3-minute limit, but its controller checks limits only every 30 s, so
+    # the signal comes 10 to about 40 s into the job: a whole tiny run (about 40 s) could end first. The
+    # first start therefore waits in SETUP_CMD until the signal has come (`wait` returns when the batch
+    # shell's trap runs), then trains: the scripts hold the signal, pass it on once the tasks run, and the
+    # tasks checkpoint after their first step. Once the job has been requeued (the behaviour under test),
+    # its limit is raised so that the second run can finish.
     # Also: staging asked for, but the local disk cannot keep STAGE_RESERVE_MB (1 PiB) free: every node
     # falls back to the shared DATA_DIR with a warning.
     env = job_env(slurm_cluster, digits, tmp_path, "timelimit", STAGE_DATA=str(tmp_path), STAGE_RESERVE_MB=str(2**30))
-    job = submit(slurm_cluster, "pretrain_vitl.sh", env, tmp_path, "--time=2", "--signal=B:USR1@110")
+    env["SETUP_CMD"] = "if [[ ${SLURM_RESTART_COUNT:-0} == 0 ]]; then sleep 150 & wait $!; kill $! 2>/dev/null; fi"
+    job = submit(slurm_cluster, "pretrain_vitl.sh", env, tmp_path, "--time=3", "--signal=B:USR1@170")
     wait_for_restart(slurm_cluster, tmp_path, job)
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=20"], env=slurm_cluster.env, check=True)
     info = slurm_cluster.wait(job, timeout=900)
     log = job_log(tmp_path, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
-    assert "signal received" in log  # usually before the first step; SLURM's limit check may be later
+    assert "signal received before the training step started" in log
     assert "checkpoint written; requeueing" in log and "resumed from" in log
     assert "[stage node1] too little space" in log and "[stage node2] too little space" in log
     assert log.count("warning: staging failed on at least one node") == 2 and "data staged" not in log

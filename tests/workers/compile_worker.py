@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from clmae import dist
+from clmae.cli import run_main
 from clmae.config import load_config
 from clmae.ds_engines import build_engines
 from clmae.masking import build_models
@@ -70,4 +71,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Ends without the interpreter's teardown, which can abort a 2-rank run that finished well (clmae/cli.py).
+    run_main(main, skip_teardown=True)

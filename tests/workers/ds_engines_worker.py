@@ -26,6 +26,7 @@ import torch.distributed as tdist
 from deepspeed.utils import safe_get_full_fp32_param
 
 from clmae import dist
+from clmae.cli import run_main
 from clmae.config import load_config
 from clmae.ds_engines import DS_CONFIG_DIR, build_ds_config, build_engines
 from clmae.masking import build_models, masking_step_due
@@ -237,4 +238,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Ends without the interpreter's teardown, which can abort a 2-rank run that finished well (clmae/cli.py).
+    run_main(main, skip_teardown=True)

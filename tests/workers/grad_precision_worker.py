@@ -34,6 +34,7 @@ from deepspeed.utils import safe_get_full_grad
 from torch import nn
 
 from clmae import dist
+from clmae.cli import run_main
 from clmae.config import load_config
 from clmae.ds_engines import DS_CONFIG_DIR, build_engines
 from clmae.masking import build_models
@@ -159,4 +160,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Ends without the interpreter's teardown, which can abort a 2-rank run that finished well (clmae/cli.py).
+    run_main(main, skip_teardown=True)
