@@ -24,6 +24,15 @@ PYTEST_ARGS ?=
 # each other about as much on 2 cores, so the default is serial; more cores gain more. tests/conftest.py
 # keeps each file's tests (and the files sharing an expensive fixture) on one worker, longest first.
 TEST_WORKERS ?= 1
+# Machines without network (docs/cluster.md). `make wheelhouse`, on one with network, writes every wheel clmae
+# needs (clmae/wheelhouse.py) to $(or $(WHEELHOUSE),wheelhouse)/, for WHEEL_PYTHON (X.Y) and WHEEL_PLATFORM (e.g.
+# manylinux_2_28_x86_64), both this machine's by default; torch only with WHEEL_TORCH=1 (TORCH_SPEC, from
+# TORCH_INDEX_URL). `make setup WHEELHOUSE=dir` then installs from it alone: no apt, no index, no compiler, and
+# the venv sees the system's packages, so that a torch already installed (the cluster's CUDA build) is kept.
+WHEELHOUSE ?=
+WHEEL_PYTHON ?=
+WHEEL_PLATFORM ?=
+WHEEL_TORCH ?= 0
 
 VENV_ABS := $(abspath $(VENV))
 BIN := $(VENV_ABS)/bin
@@ -34,7 +43,7 @@ export TORCH_EXTENSIONS_DIR := $(VENV_ABS)/torch_extensions
 # Prebuilding DeepSpeed's CUDA/C++ ops at install needs a compiler toolchain per op; JIT is enough.
 export DS_BUILD_OPS := 0
 
-.PHONY: help setup system-deps demo compare-masking test lint clean
+.PHONY: help setup setup-offline wheelhouse system-deps demo compare-masking test lint clean
 
 help:
 	@echo "make demo             set up, then run CL-MAE end to end on the bundled digits set (2 CPU ranks)"
@@ -42,10 +51,16 @@ help:
 	@echo "make compare-masking  set up, then none, MAE at equal epochs and at equal FLOPs, CL-MAE, 2 seeds: probes side by side"
 	@echo "                      (DATASET=digits, the default, or fashion: Fashion-MNIST)"
 	@echo "make setup            system packages, $(VENV), Python packages, DeepSpeed op warm-up (idempotent)"
+	@echo "                      WHEELHOUSE=dir: from that wheelhouse alone, with no network (keeps an installed torch)"
+	@echo "make wheelhouse       every wheel clmae needs, into wheelhouse/ (WHEEL_PYTHON, WHEEL_PLATFORM, WHEEL_TORCH=1)"
 	@echo "make lint             ruff check + shellcheck"
 	@echo "variables: TORCH_SPEC='$(TORCH_SPEC)' TORCH_INDEX_URL='$(TORCH_INDEX_URL)' SYSTEM_DEPS=$(SYSTEM_DEPS)"
 
+ifeq ($(strip $(WHEELHOUSE)),)
 setup: system-deps $(STAMPS)/packages $(STAMPS)/deepspeed-ops
+else
+setup: setup-offline
+endif
 
 system-deps:
 	@if [ "$(SYSTEM_DEPS)" = 0 ]; then exit 0; fi; \
@@ -80,6 +95,30 @@ $(STAMPS)/deepspeed-ops: $(STAMPS)/packages
 	@echo ">> warming DeepSpeed (first run compiles its CPU comm op, about 2 minutes)"
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 -m clmae.dist
 	@touch $@
+
+wheelhouse: system-deps $(STAMPS)/packages
+	$(BIN)/python -m clmae.wheelhouse $(or $(WHEELHOUSE),wheelhouse) \
+	  $(if $(WHEEL_PYTHON),--python $(WHEEL_PYTHON)) $(if $(WHEEL_PLATFORM),--platform $(WHEEL_PLATFORM)) \
+	  $(if $(filter 1,$(WHEEL_TORCH)),--torch '$(TORCH_SPEC)' $(if $(TORCH_INDEX_URL),--torch-index-url $(TORCH_INDEX_URL)))
+
+# No DeepSpeed warm-up here: on a GPU node DeepSpeed builds no CPU op, and benchmarks/gpu_check.sh checks the rest.
+WHEELHOUSE_ABS = $(abspath $(WHEELHOUSE))
+OFFLINE_PIP = $(BIN)/python -m pip install --quiet --no-index --find-links $(WHEELHOUSE_ABS)
+setup-offline:
+	@if [ ! -f "$(WHEELHOUSE_ABS)/wheelhouse.json" ]; then \
+	  echo "error: WHEELHOUSE=$(WHEELHOUSE): not a wheelhouse (no wheelhouse.json); build one with 'make wheelhouse' on a machine with network" >&2; \
+	  exit 2; fi
+	@if [ ! -x "$(BIN)/python" ]; then \
+	  echo ">> creating $(VENV) (it sees the system's packages: a torch installed there is kept)"; \
+	  $(PYTHON) -m venv --system-site-packages $(VENV_ABS); fi
+	@echo ">> installing clmae and its dependencies from $(WHEELHOUSE), with no network"
+	$(OFFLINE_PIP) setuptools wheel
+	@if ! $(BIN)/python -c 'import torch' 2>/dev/null && ! ls "$(WHEELHOUSE_ABS)"/torch-*.whl >/dev/null 2>&1; then \
+	  echo "error: no torch in $(VENV) and none in $(WHEELHOUSE): load the cluster's PyTorch first (e.g. module load pytorch)," \
+	    "or build the wheelhouse with WHEEL_TORCH=1" >&2; \
+	  exit 2; fi
+	$(OFFLINE_PIP) --no-build-isolation -e '.[dev]'
+	@$(BIN)/python -c 'import clmae, deepspeed, ffcv, mlflow, timm, torch; print(f">> clmae installed, beside torch {torch.__version__} from {torch.__file__}")'
 
 lint: setup
 	$(BIN)/ruff check .

