@@ -122,7 +122,7 @@ setup-offline:
 
 lint: setup
 	$(BIN)/ruff check .
-	shellcheck -x slurm/*.sh slurm/lib/*.sh
+	shellcheck -x slurm/*.sh slurm/lib/*.sh benchmarks/*.sh
 
 test: setup lint
 	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(PYTEST_ARGS)

@@ -53,6 +53,19 @@ BUILD_TOOLS = ("setuptools", "wheel")
 LIMITED_API = ("cp310", "0x030A0000")
 FFCV_EXTENSION = "libffcv = Extension('ffcv._libffcv',"
 FFCV_SETUP_IMPORT = "from distutils.core import setup, Extension"
+# Not copied when clmae's wheel is built: build outputs, environments, data and runs.
+SOURCE_LEFT_OUT = (
+    ".git",
+    ".venv*",
+    "build",
+    "dist",
+    "*.egg-info",
+    "runs",
+    "data",
+    "wheelhouse*",
+    "__pycache__",
+    ".*_cache",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,11 +114,14 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def build_pure_wheels(out: Path) -> tuple[Path, dict]:
+def build_pure_wheels(out: Path, work: Path) -> tuple[Path, dict]:
     """clmae from this checkout and DeepSpeed, as pure-Python wheels. Returns clmae's wheel and metadata."""
     if not (CHECKOUT / "setup.py").exists():
         raise ClmaeError(f"the wheelhouse is built from a clmae checkout; no setup.py in {CHECKOUT}")
-    pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(CHECKOUT), what="building the clmae wheel")
+    # From a copy without build outputs: setuptools would reuse the checkout's build/, which keeps deleted files.
+    source = work / "clmae-source"
+    shutil.copytree(CHECKOUT, source, symlinks=True, ignore=shutil.ignore_patterns(*SOURCE_LEFT_OUT))
+    pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(source), what="building the clmae wheel")
     clmae_wheel = next(out.glob("clmae-*.whl"))
     meta = wheel_metadata(clmae_wheel)
     deepspeed = next(r for r in meta["requires"] if canonical(re.split(r"[\s<>=!~;\[]", r)[0]) == "deepspeed")
@@ -254,7 +270,7 @@ def build(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="clmae-wheelhouse-"))
     try:
         step(f"building clmae and DeepSpeed into {out}")
-        _, meta = build_pure_wheels(staging)
+        _, meta = build_pure_wheels(staging, work)
         ffcv = next(r for r in meta["requires"] if canonical(re.split(r"[\s<>=!~;\[]", r)[0]) == "ffcv")
         step(f"building FFCV ({ffcv}) with the limited API, its shared libraries bundled")
         ffcv_wheel = build_ffcv(ffcv, staging, work)
