@@ -34,7 +34,7 @@ each arm, marked partial until all are done).
     python benchmarks/compare_masking.py                    # or: make compare-masking
     python benchmarks/compare_masking.py --epochs 2 --seeds 0 --out-dir runs/compare_masking_2ep
     python benchmarks/compare_masking.py --dataset fashion  # or: make compare-masking DATASET=fashion
-    python benchmarks/compare_masking.py --cheaper 4:1 2:0.5 curriculum.granularity=step   # cheaper curricula
+    python benchmarks/compare_masking.py curriculum.granularity=step --cheaper 4:1 2:0.5   # overrides before --cheaper
 
 `--dataset fashion` runs the same comparison on Fashion-MNIST (60,000 training images; config `tiny_fashion`,
 data from `clmae-prep fashion-mnist`, 2 epochs unless --epochs says otherwise). Measured on 2 idle cores with
@@ -111,6 +111,10 @@ PAPER_ARMS = ("mae_equal_flops", "clmae_curriculum")  # what --only-cheaper leav
 
 def parse_cheaper(text: str) -> tuple[int, float]:
     """'K:F' -> (masking.cmm_every, masking.cmm_batch_fraction)."""
+    if "=" in text:  # --cheaper takes every following K:F, so an override after it lands here
+        raise argparse.ArgumentTypeError(
+            f"expected K:F, got {text!r}: put section.key=value overrides before --cheaper"
+        )
     every, sep, fraction = text.partition(":")
     try:
         setting = (int(every), float(fraction)) if sep else (int(every), 1.0)

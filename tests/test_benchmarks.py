@@ -168,6 +168,9 @@ def test_compare_masking_matches_each_cheaper_curriculum_with_an_mae_arm_of_its_
     for bad in ("0:1", "2:0", "2:1.5", "two:1"):
         with pytest.raises(argparse.ArgumentTypeError, match="K"):
             compare_masking.parse_cheaper(bad)
+    # --cheaper takes every K:F after it, so an override typed after it must say where it belongs
+    with pytest.raises(argparse.ArgumentTypeError, match="overrides before --cheaper"):
+        compare_masking.parse_cheaper("curriculum.granularity=step")
     digits, settings = compare_masking.DATASETS["digits"], [(4, 1.0), (2, 0.5)]
     args = argparse.Namespace(data=digits, epochs=20, overrides=[], cheaper=settings, only_cheaper=True)
     arms = compare_masking.methods(args)
