@@ -39,10 +39,14 @@ import zipfile
 from email.parser import Parser
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
 from clmae.cli import run_main
 from clmae.errors import ClmaeError
 
 CHECKOUT = Path(__file__).resolve().parent.parent
+LOCAL_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 MANIFEST = "wheelhouse.json"
 # Extras put in: `pytest -m gpu` on the node needs pytest (benchmarks/gpu_check.sh).
 EXTRAS = "[dev]"
@@ -69,14 +73,13 @@ SOURCE_LEFT_OUT = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    local_python = f"{sys.version_info.major}.{sys.version_info.minor}"
     parser = argparse.ArgumentParser(
         prog="python -m clmae.wheelhouse",
         description="Write a directory of wheels from which clmae installs with no network and no compiler.",
         epilog="example: python -m clmae.wheelhouse wheelhouse --python 3.12 --platform manylinux_2_35_x86_64",
     )
     parser.add_argument("out", type=Path, help="the wheelhouse directory (replaced if it holds an older wheelhouse)")
-    parser.add_argument("--python", default=local_python, help=f"target Python X.Y (default: this one, {local_python})")
+    parser.add_argument("--python", default=LOCAL_PYTHON, help=f"target Python X.Y (default: this one, {LOCAL_PYTHON})")
     parser.add_argument(
         "--platform",
         default=None,
@@ -110,8 +113,9 @@ def wheel_metadata(wheel: Path) -> dict:
     return {"name": message["Name"], "version": message["Version"], "requires": message.get_all("Requires-Dist", [])}
 
 
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+def requirement_on(requires: list[str], name: str) -> str:
+    """The requirement line of `requires` (a wheel's Requires-Dist) that names the package `name`."""
+    return next(line for line in requires if canonicalize_name(Requirement(line).name) == name)
 
 
 def build_pure_wheels(out: Path, work: Path) -> tuple[Path, dict]:
@@ -124,7 +128,7 @@ def build_pure_wheels(out: Path, work: Path) -> tuple[Path, dict]:
     pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(source), what="building the clmae wheel")
     clmae_wheel = next(out.glob("clmae-*.whl"))
     meta = wheel_metadata(clmae_wheel)
-    deepspeed = next(r for r in meta["requires"] if canonical(re.split(r"[\s<>=!~;\[]", r)[0]) == "deepspeed")
+    deepspeed = requirement_on(meta["requires"], "deepspeed")
     env = dict(os.environ, DS_BUILD_OPS="0")
     pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), deepspeed, env=env, what="building DeepSpeed")
     return clmae_wheel, meta
@@ -187,8 +191,7 @@ def target_args(platform: str | None, python: str) -> list[str]:
     """pip's options for a target other than this machine ([] for this machine). pip matches --platform
     literally, so a glibc level is spelled out with every older one (a manylinux_2_17 wheel installs on a
     glibc 2.35 system)."""
-    local_python = f"{sys.version_info.major}.{sys.version_info.minor}"
-    if platform is None and python == local_python:
+    if platform is None and python == LOCAL_PYTHON:
         return []
     args = ["--python-version", python, "--implementation", "cp", "--only-binary=:all:"]
     tags = [] if platform is None else [platform]
@@ -217,15 +220,13 @@ def resolve(roots: list[str], out: Path, work: Path, extra: list[str], name: str
 def needed(report: dict, root: str, environment: dict[str, str], leave_out: set[str]) -> dict[str, str]:
     """{name: version} of what `root` needs, following requirements (with their extras and markers) through
     the resolution, but not into the packages of `leave_out` (what only they need stays out too)."""
-    from packaging.requirements import Requirement
-
-    by_name = {canonical(item["metadata"]["name"]): item["metadata"] for item in report["install"]}
+    by_name = {canonicalize_name(item["metadata"]["name"]): item["metadata"] for item in report["install"]}
     chosen: dict[str, str] = {}
     pending = [Requirement(root)]
     seen: set[tuple[str, frozenset]] = set()
     while pending:
         requirement = pending.pop()
-        name = canonical(requirement.name)
+        name = canonicalize_name(requirement.name)
         key = (name, frozenset(requirement.extras))
         if name in leave_out or key in seen:
             continue
@@ -271,7 +272,7 @@ def build(args: argparse.Namespace) -> int:
     try:
         step(f"building clmae and DeepSpeed into {out}")
         _, meta = build_pure_wheels(staging, work)
-        ffcv = next(r for r in meta["requires"] if canonical(re.split(r"[\s<>=!~;\[]", r)[0]) == "ffcv")
+        ffcv = requirement_on(meta["requires"], "ffcv")
         step(f"building FFCV ({ffcv}) with the limited API, its shared libraries bundled")
         ffcv_wheel = build_ffcv(ffcv, staging, work)
         ffcv_tag = ffcv_wheel.stem.split("-")[-1]
@@ -312,7 +313,7 @@ def build(args: argparse.Namespace) -> int:
             packages.update(needed(report, tool, environment, leave_out))
         for spec in args.torch.split():
             packages.update(needed(report, spec, environment, set()))
-        have = {canonical(wheel.name.split("-")[0]) for wheel in staging.glob("*.whl")}
+        have = {canonicalize_name(wheel.name.split("-")[0]) for wheel in staging.glob("*.whl")}
         downloads = [f"{name}=={version}" for name, version in sorted(packages.items()) if name not in have]
         step(f"downloading {len(downloads)} wheels")
         pip("download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", str(staging), *index,

@@ -29,6 +29,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parent.parent
 OTHER_PYTHONS = ("3.12", "3.13", "3.10")
@@ -69,7 +70,7 @@ def torch_site(dest: Path) -> Path:
     pending, seen = [("torch", ()), ("torchvision", ())], set()
     while pending:
         name, extras = pending.pop()
-        key = re.sub(r"[-_.]+", "-", name).lower()
+        key = canonicalize_name(name)
         if (key, extras) in seen or key in ("numpy", "pillow"):
             continue
         seen.add((key, extras))
@@ -108,7 +109,7 @@ def cluster_torch(tmp_path_factory) -> Path:
 
 def test_wheelhouse_holds_clmae_and_its_dependencies_but_not_torch(wheelhouse):
     manifest = json.loads((wheelhouse / "wheelhouse.json").read_text())
-    names = {re.sub(r"[-_.]+", "-", w.split("-")[0]).lower() for w in manifest["wheels"]}
+    names = {canonicalize_name(w.split("-")[0]) for w in manifest["wheels"]}
     assert {"clmae", "deepspeed", "ffcv", "timm", "mlflow", "numpy", "setuptools", "assertpy", "fastargs"} <= names
     assert not names & {"torch", "torchvision", "triton"} and not any(n.startswith("nvidia-") for n in names)
     assert sorted(p.name for p in wheelhouse.glob("*.whl")) == manifest["wheels"]
